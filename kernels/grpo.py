@@ -1,0 +1,87 @@
+"""Clipped GRPO loss (TRL's definitions) on top of the fused token log-probs.
+
+The [N, V] work is `token_logprobs`; everything here is elementwise on [N] fp32 vectors, so autograd
+hands each token's dLoss/dlogp to the recomputing Triton backward and nothing [N, V] is ever kept.
+"""
+import torch
+
+from .logprobs import token_logprobs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+MAX_LOG_RATIO = 20.0  # clamp log-ratios before exp, as verl does: exp(20) is large but finite in fp32
+
+
+def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None, ref_logprobs=None, *,
+              beta=0.04, epsilon_low=0.2, epsilon_high=0.2, delta=None, temperature=1.0, loss_type="grpo",
+              max_completion_length=None, normalizer=None, backend="auto"):
+    """GRPO loss of B packed completions and detached stats ("kl", "clip_ratio", "entropy").
+
+    hidden [N, H] holds the completion tokens of B sequences back to back, split by cu_seqlens [B+1];
+    advantages [B] are per sequence; old/ref log-probs [N]. old_logprobs=None means on-policy
+    (ratio = exp(logp - logp.detach())); ref_logprobs=None drops the KL term. Per token:
+    -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * k3, with r first capped at delta
+    when set. Aggregation: grpo = mean over sequences of token means; bnpo = token mean;
+    dr_grpo = sum / (B * max_completion_length); dapo = sum / normalizer (default: N tokens; pass
+    the global token count when the batch is split over micro-batches or processes).
+    """
+    logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True,
+                                   backend=backend)
+    _validate(logp.shape[0], cu_seqlens, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high,
+              delta, loss_type, max_completion_length, normalizer)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_seqs, n_tokens = lengths.numel(), logp.shape[0]
+    adv = torch.repeat_interleave(advantages.float(), lengths, output_size=n_tokens)
+
+    old = logp.detach() if old_logprobs is None else old_logprobs.float()
+    ratio = torch.exp((logp - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    per_token = -torch.minimum(capped * adv, clipped * adv)
+
+    kl = torch.zeros_like(logp)
+    if ref_logprobs is not None:
+        log_ref_ratio = (ref_logprobs.float() - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        if beta != 0:
+            per_token = per_token + beta * kl
+
+    if loss_type == "grpo":
+        token_weight = 1.0 / (n_seqs * lengths.clamp(min=1))
+        loss = (per_token * torch.repeat_interleave(token_weight, lengths, output_size=n_tokens)).sum()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / n_tokens
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (n_seqs * max_completion_length)
+    else:
+        loss = per_token.sum() / (n_tokens if normalizer is None else normalizer)
+
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats = {"kl": kl.mean().detach(), "clip_ratio": is_clipped.float().mean(), "entropy": entropy.mean()}
+    return loss, stats
+
+
+def _validate(n_tokens, cu_seqlens, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, delta,
+              loss_type, max_completion_length, normalizer):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
+        raise ValueError("loss_type 'dr_grpo' needs a positive integer max_completion_length")
+    if normalizer is not None and loss_type != "dapo":
+        raise ValueError(f"normalizer only applies to loss_type 'dapo', not {loss_type!r}")
+    if normalizer is not None and not torch.all(torch.as_tensor(normalizer) > 0):
+        raise ValueError(f"normalizer must be positive, got {normalizer!r}")
+    if not 0 <= epsilon_low < 1 or epsilon_high < 0:
+        raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low}, {epsilon_high}")
+    if delta is not None and delta <= 0:
+        raise ValueError(f"delta must be positive, got {delta}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if bool((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n_tokens) | (cu_seqlens.diff() < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the {n_tokens} tokens, got {cu_seqlens.tolist()}")
+    if advantages.shape != (cu_seqlens.numel() - 1,) or not advantages.is_floating_point():
+        raise ValueError(f"advantages must be float [{cu_seqlens.numel() - 1}] (one per sequence), got "
+                         f"{advantages.dtype} {tuple(advantages.shape)}")
+    for name, logprobs in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if logprobs is not None and (logprobs.shape != (n_tokens,) or not logprobs.is_floating_point()):
+            raise ValueError(f"{name} must be float [{n_tokens}], got {logprobs.dtype} {tuple(logprobs.shape)}")

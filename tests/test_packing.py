@@ -1,0 +1,228 @@
+"""The group forward: shared-prefix packing equals the model's ordinary forward on the padded batch."""
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from vcr1 import packing
+from vcr1.model import mrope_positions
+from vcr1_kernels import token_logprobs
+
+VOCAB, PAD, IMAGE, VISION_START, VISION_END, VIDEO = 300, 0, 296, 297, 298, 299
+PATCH_DIM = 3 * 2 * 14 * 14  # channels · temporal_patch · patch²
+
+
+def tiny_model(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2,
+            window_size=112, fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).float()
+    model.config._attn_implementation = attn
+    return model
+
+
+def fake_prompt(gen: torch.Generator, grid=(2, 4, 4), seconds: float = 1.0) -> dict:
+    """Random text around one video block of t·h·w/4 video tokens (no video when grid is None)."""
+    def text(n):
+        return torch.randint(1, IMAGE, (n,), generator=gen)
+
+    if grid is None:
+        return {"input_ids": text(9)[None]}
+    t, h, w = grid
+    video = torch.full((t * h * w // 4,), VIDEO)
+    ids = torch.cat([text(5), torch.tensor([VISION_START]), video, torch.tensor([VISION_END]), text(4)])
+    return {
+        "input_ids": ids[None],
+        "pixel_values_videos": torch.randn(t * h * w, PATCH_DIM, generator=gen),
+        "video_grid_thw": torch.tensor([grid]),
+        "second_per_grid_ts": torch.tensor([seconds]),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three groups: two videos of different shape and frame rate, one text-only; ragged answers."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [fake_prompt(gen, (2, 4, 4), 1.0), fake_prompt(gen, (4, 4, 6), 0.5), fake_prompt(gen, None)]
+    lengths = [[3, 7, 1, 5], [6, 2], [4, 4, 8]]
+    completions = [[torch.randint(1, IMAGE, (n,), generator=gen) for n in group] for group in lengths]
+    advantages = torch.randn(sum(map(len, lengths)), generator=gen)
+    return prompts, completions, advantages
+
+
+def hf_padded_logprobs(model, prompts, completions) -> torch.Tensor:
+    """Log-probs straight from the HF model's ordinary forward on the repeated-prompt, right-padded batch."""
+    rows, positions, videos = [], [], []
+    for prompt, group in zip(prompts, completions):
+        ids = prompt["input_ids"][0]
+        pos = mrope_positions(ids, prompt.get("video_grid_thw"), prompt.get("second_per_grid_ts"), model.config)
+        for c in group:
+            rows.append((torch.cat([ids, c]), len(ids)))
+            answer = torch.arange(len(c)) + pos.max() + 1
+            positions.append(torch.cat([pos, answer.expand(3, -1)], 1))
+            videos.append(prompt)
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), PAD)
+    pos = torch.zeros(3, len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, ((r, _), p) in enumerate(zip(rows, positions)):
+        ids[i, :len(r)], pos[:, i, :len(r)], mask[i, :len(r)] = r, p, 1
+    videos = [v for v in videos if "pixel_values_videos" in v]
+    logits = model(
+        input_ids=ids, position_ids=pos, attention_mask=mask,
+        pixel_values_videos=torch.cat([v["pixel_values_videos"] for v in videos]),
+        video_grid_thw=torch.cat([v["video_grid_thw"] for v in videos]),
+        second_per_grid_ts=torch.cat([v["second_per_grid_ts"] for v in videos]),
+    ).logits
+    logp = logits.float().log_softmax(-1)
+    out = []
+    for i, (r, n) in enumerate(rows):
+        out.append(logp[i, n - 1:len(r) - 1].gather(-1, r[n:, None])[:, 0])
+    return torch.cat(out)
+
+
+def logprobs_and_grads(model, prompts, completions, advantages, **kwargs):
+    """Per-token log-probs and the parameter gradients of the GRPO-style loss Σ_i A_i · mean_t logp_it."""
+    model.zero_grad(set_to_none=True)
+    hidden, targets, cu = packing.completion_hidden(model, prompts, completions, **kwargs)
+    logp = token_logprobs(hidden, model.lm_head.weight, targets)
+    per_answer = torch.stack([s.mean() for s in logp.split(cu.diff().tolist())])
+    (per_answer * advantages).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), grads, cu
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float = 1e-4):
+    assert got.keys() == want.keys()
+    assert any(n.startswith("model.visual") for n in want), "the vision tower must receive gradients"
+    for name, g in want.items():
+        err = (got[name] - g).norm() / g.norm().clamp_min(1e-12)
+        assert err < rtol, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_reference_path_matches_hf_forward(batch):
+    prompts, completions, _ = batch
+    model = tiny_model()
+    with torch.no_grad():
+        hidden, targets, cu = packing.completion_hidden(model, prompts, completions, shared_prefix=False)
+        logp = token_logprobs(hidden, model.lm_head.weight, targets)
+        want = hf_padded_logprobs(model, prompts, completions)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 10, 11, 16, 22, 24, 28, 32, 40]
+    assert torch.equal(targets, torch.cat([c for group in completions for c in group]))
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", packing.BACKENDS)
+def test_packed_matches_padded(batch, backend):
+    model = tiny_model()
+    if reason := packing.unavailable_reason(backend, model.device, model.dtype):
+        pytest.skip(reason)
+    prompts, completions, advantages = batch
+    logp, grads, cu = logprobs_and_grads(model, prompts, completions, advantages, backend=backend)
+    ref_logp, ref_grads, ref_cu = logprobs_and_grads(model, prompts, completions, advantages, shared_prefix=False)
+    with torch.no_grad():
+        hf = hf_padded_logprobs(model, prompts, completions)
+    assert torch.equal(cu, ref_cu)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, hf, atol=1e-5, rtol=0)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_sibling_answers_do_not_see_each_other(batch):
+    """Changing one answer leaves its siblings' log-probs untouched (and changes its own)."""
+    prompts, completions, _ = batch
+    model = tiny_model()
+    edited = [list(group) for group in completions]
+    edited[0][1] = (edited[0][1] + 1) % IMAGE
+    with torch.no_grad():
+        before = packing.group_logprobs(model, prompts[0], completions[0])
+        after = packing.group_logprobs(model, prompts[0], edited[0])
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert torch.equal(b, a) != (i == 1), f"answer {i}"
+
+
+def test_vision_tower_runs_once_per_video(batch):
+    prompts, completions, _ = batch
+    model = tiny_model()
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            packing.completion_hidden(model, prompts, completions)
+            packed, calls[:] = list(calls), []
+            packing.completion_hidden(model, prompts, completions, shared_prefix=False)
+    finally:
+        hook.remove()
+    patches = [p["pixel_values_videos"].shape[0] for p in prompts if "pixel_values_videos" in p]
+    assert packed == [sum(patches)]
+    assert calls == [sum(n * len(group) for n, group in zip(patches, completions))]
+
+
+def test_packed_forward_builds_no_dense_mask(batch, monkeypatch):
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the packed forward built a dense attention mask")
+
+    for name in list(AttentionMaskInterface._global_mapping):
+        monkeypatch.setitem(AttentionMaskInterface._global_mapping, name, refuse)
+    prompts, completions, _ = batch
+    with torch.no_grad():
+        packing.completion_hidden(tiny_model(), prompts, completions)
+
+
+def test_gradient_checkpointing_replays_packed_attention(batch):
+    prompts, completions, advantages = batch
+    model = tiny_model()
+    logp, grads, _ = logprobs_and_grads(model, prompts, completions, advantages)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ckpt_logp, ckpt_grads, _ = logprobs_and_grads(model, prompts, completions, advantages)
+    torch.testing.assert_close(ckpt_logp, logp, atol=1e-6, rtol=0)
+    assert_grads_close(ckpt_grads, grads, rtol=1e-5)
+
+
+def test_group_logprobs_interface(batch):
+    prompts, completions, _ = batch
+    model = tiny_model()
+    fast = packing.group_logprobs(model, prompts[1], completions[1])
+    slow = packing.group_logprobs(model, prompts[1], completions[1], shared_prefix=False)
+    assert [t.shape for t in fast] == [c.shape for c in completions[1]]
+    assert all(t.dtype == torch.float32 and t.requires_grad for t in fast)
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s, atol=1e-5, rtol=0)
+
+
+def test_ordinary_forward_unchanged_after_install(batch):
+    """The wrapped attention implementation passes ordinary calls through untouched."""
+    prompts, completions, _ = batch
+    model = tiny_model()
+    ids = prompts[0]["input_ids"]
+    video = {k: prompts[0][k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")}
+    pos = mrope_positions(ids[0], video["video_grid_thw"], video["second_per_grid_ts"], model.config)[:, None]
+    eager = tiny_model(attn="eager")
+    with torch.no_grad():
+        packing.completion_hidden(model, prompts, completions)
+        got = model(input_ids=ids, position_ids=pos, **video).logits
+        want = eager(input_ids=ids, position_ids=pos, **video).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_unknown_backend_and_empty_completion_rejected(batch):
+    prompts, completions, _ = batch
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown backend"):
+        packing.completion_hidden(model, prompts, completions, backend="xformers")
+    with pytest.raises(ValueError, match="at least one token"):
+        packing.completion_hidden(model, prompts[:1], [[torch.tensor([], dtype=torch.long)]])

@@ -1,0 +1,127 @@
+"""Training data: the configured datasets (or the synthetic default), a resumable per-process stream
+that decodes each video once per step and skips bad samples with a count, and reference answers for
+the supervised warm-up.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from vcr1.data.annotations import Sample, load_annotations
+from vcr1.data.processor import prompt_inputs
+from vcr1.data.video import VideoError, load_video
+from vcr1.prompts import build_messages
+
+log = logging.getLogger("vcr1.data")
+
+
+@dataclass
+class Example:
+    """One prompt ready for the model: its sample and processor-like inputs (decoded once)."""
+    sample: Sample
+    inputs: dict
+
+
+def load_split(datasets: list[dict], *, limit_total: int | None = None) -> tuple[list[Sample], int]:
+    """All samples of the listed datasets, and the count of malformed annotation entries skipped."""
+    samples, skipped = [], 0
+    for ds in datasets:
+        got, bad = load_annotations(ds["task"], ds["annotations"], ds["media_root"], fmt=ds.get("fmt"),
+                                    limit=ds.get("limit"))
+        samples += got
+        skipped += bad
+    return samples[:limit_total] if limit_total else samples, skipped
+
+
+def synthetic_datasets(root: Path, data_cfg, seed: int) -> dict[str, list[dict]]:
+    """Generate (or reuse) the synthetic set and describe its splits as dataset configs."""
+    from vcr1.data.synthetic import generate
+
+    splits = generate(root, seed=seed, n_train=data_cfg.synthetic_train, n_test=data_cfg.synthetic_test)
+    return {split: [{"task": task, "annotations": str(p["annotations"]), "media_root": str(p["media_root"])}
+                    for task, p in tasks.items()] for split, tasks in splits.items()}
+
+
+def reference_answer(sample: Sample, think: bool) -> str:
+    """The ground truth written as a perfect completion (the supervised warm-up's target)."""
+    sol = sample.solution
+    if sample.task == "tg":
+        s, e = sol["span"]
+        body, thought = f"{s:.2f} to {e:.2f}", f"The event happens from {s:.2f} to {e:.2f}."
+        answer = f"<answer>{body}</answer>"
+    elif sample.task == "tracking":
+        boxes = [[round(float(v), 2) for v in box] for box in sol["boxes"]]
+        answer, thought = f"<answer>{boxes}</answer>", f"The {sample.fields['object']} moves across the video."
+    elif sample.task in ("gqa", "mcq"):
+        letter = sol["answer"].strip("() ")
+        answer, thought = f"<answer>{letter}</answer>", f"The answer is {letter}."
+        if sample.task == "gqa":
+            answer += "<glue>[" + ", ".join(f"({s}, {e})" for s, e in sol["glue"]) + "]</glue>"
+    else:
+        raise ValueError(f"unknown task {sample.task!r}")
+    return (f"<think>{thought}</think>" if think else "") + answer
+
+
+class PromptStream:
+    """This process's share of the data, in a seeded order per epoch, resumable from `state()`.
+
+    Bad media raise VideoError at decode time: the sample is skipped, counted, and the next one taken,
+    so every process always returns full batches (ZeRO collectives need every rank to step).
+    """
+
+    def __init__(self, samples: list[Sample], tokenizer, model_config, data_cfg, *, rank: int, world: int,
+                 seed: int, device: str = "cpu"):
+        if len(samples) < world:
+            raise ValueError(f"{len(samples)} samples cannot feed {world} processes")
+        self.samples, self.tokenizer, self.model_config = samples, tokenizer, model_config
+        self.data_cfg, self.rank, self.world, self.seed, self.device = data_cfg, rank, world, seed, device
+        self.epoch, self.cursor, self.skipped_media = 0, 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        usable = len(order) - len(order) % self.world  # equal shares: every rank steps the same number of times
+        return order[self.rank:usable:self.world]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def _next_sample(self) -> Sample:
+        if self.cursor >= len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        sample = self.samples[self._order[self.cursor]]
+        self.cursor += 1
+        return sample
+
+    def encode(self, sample: Sample) -> Example:
+        v = self.data_cfg.video
+        clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
+                          min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
+                          device=self.device, start=getattr(sample, "start", None), end=getattr(sample, "end", None))
+        messages = build_messages(sample.task, sample.fields, self.data_cfg.think)
+        return Example(sample, prompt_inputs(self.tokenizer, self.model_config, messages, clip))
+
+    def next_batch(self, n: int) -> list[Example]:
+        batch, misses = [], 0
+        while len(batch) < n:
+            sample = self._next_sample()
+            try:
+                batch.append(self.encode(sample))
+            except VideoError as e:
+                self.skipped_media += 1
+                misses += 1
+                log.warning("skipping %s (%s): %s", sample.uid, sample.task, e)
+                if misses > max(100, 2 * len(self._order)):
+                    raise RuntimeError("no decodable video left in this process's share of the data") from e
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "skipped_media": self.skipped_media}
+
+    def load_state(self, state: dict):
+        self.epoch, self.cursor, self.skipped_media = state["epoch"], state["cursor"], state["skipped_media"]
+        self._order = self._epoch_order()

@@ -1,0 +1,239 @@
+"""Synthetic dataset of the embedded default: real encoded videos of coloured shapes, exact ground truth.
+
+Each task's media and annotations are written in the real data's formats (spec §6), so the trainer reads
+them through the same loaders and decoder as real data:
+- tg: H.264 mp4s in which a target shape appears at s and disappears at e (Charades-STA json);
+- tracking: GOT-10k-style folders of numbered JPEG frames with one moving target (8-frame json);
+- gqa: H.264 mp4s with a 5-option question about the shape that appears (NExT-GQA json).
+Everything follows from the seed: the same seed gives the same annotations and pixel-identical frames.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLORS = ("red", "green", "blue", "yellow", "white", "purple")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# Saturated colours far from the dark backgrounds and from each other, so they survive yuv420p and JPEG.
+RGB = {
+    "red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240),
+    "yellow": (240, 220, 40), "white": (245, 245, 245), "purple": (170, 60, 220),
+}
+SPLITS = ("train", "test")
+TASKS = ("tg", "tracking", "gqa")
+VERSION = 1  # bump when the generated content changes, so that cached datasets are regenerated
+GRID = 3  # static scenes place their shapes in distinct cells of a GRID × GRID grid: no overlaps
+
+
+def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
+    """Boolean h × w mask of `shape` touching all four sides of its box (so the box is its bbox)."""
+    y = (np.arange(h)[:, None] + 0.5) / h * 2 - 1  # pixel centres in (-1, 1)
+    x = (np.arange(w)[None, :] + 0.5) / w * 2 - 1
+    slack = 1 / min(h, w)  # lets the tips of the triangle and diamond reach the box's edge pixels
+    if shape == "circle":
+        m = x**2 + y**2 <= 1
+    elif shape == "square":
+        m = np.ones((h, w), bool)
+    elif shape == "triangle":  # apex up
+        m = np.abs(x) <= (y + 1) / 2 + slack
+    elif shape == "diamond":
+        m = np.abs(x) + np.abs(y) <= 1 + slack
+    elif shape == "cross":
+        m = (np.abs(x) <= 1 / 3) | (np.abs(y) <= 1 / 3)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return np.broadcast_to(m, (h, w))
+
+
+def _draw(img: np.ndarray, obj: tuple[str, str], x: int, y: int, side: int) -> np.ndarray:
+    """Draws obj = (colour, shape) in place with its box's top-left corner at (x, y); returns its mask."""
+    mask = shape_mask(obj[1], side, side)
+    img[y:y + side, x:x + side][mask] = RGB[obj[0]]
+    return mask
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A dark, slightly tinted gradient: textured enough to look like a scene, far from every shape colour."""
+    base = rng.uniform(25, 70) + rng.uniform(-10, 10, 3)
+    gy, gx = rng.uniform(-15, 15, 2)
+    ramp = np.linspace(-1, 1, size)
+    img = base + gy * ramp[:, None, None] + gx * ramp[None, :, None]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _objects(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """n (colour, shape) pairs, no colour or shape shared, so the target's colour alone identifies it."""
+    colors = rng.choice(len(COLORS), n, replace=False)
+    shapes = rng.choice(len(SHAPES), n, replace=False)
+    return [(COLORS[c], SHAPES[s]) for c, s in zip(colors, shapes)]
+
+
+def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
+    """n frames of a static scene with 1–2 distractors throughout and a target visible in [s, e).
+
+    s and e are multiples of 0.1 s, and the target is drawn in frame k iff s <= k / fps < e (checked in
+    integer tenths), so the annotated span is exact. Returns frames, target, (s, e).
+    """
+    target, *distractors = _objects(rng, 2 + int(rng.integers(2)))
+    tenths = n * 10 // fps
+    length = int(rng.integers(15, int(0.6 * tenths) + 1))  # 1.5 s to 60% of the video
+    s10 = int(rng.integers(5, tenths - 5 - length + 1))  # at least 0.5 s without the target at each end
+    e10 = s10 + length
+
+    cell = size // GRID
+
+    def place(c: int) -> tuple[int, int, int]:  # a random box inside grid cell c
+        side = int(rng.integers(int(0.6 * cell), int(0.9 * cell) + 1))
+        return c % GRID * cell + int(rng.integers(cell - side + 1)), c // GRID * cell + int(rng.integers(cell - side + 1)), side
+
+    cells = rng.choice(GRID * GRID, 1 + len(distractors), replace=False)
+    still = _background(rng, size)
+    for obj, c in zip(distractors, cells[1:]):
+        _draw(still, obj, *place(c))
+    shown = still.copy()  # the scene with the target; `still` is the scene without it
+    _draw(shown, target, *place(cells[0]))
+    k10 = np.arange(n) * 10
+    visible = (k10 >= s10 * fps) & (k10 < e10 * fps)
+    frames = np.where(visible[:, None, None, None], shown, still)
+    return frames, target, (s10 / 10, e10 / 10)
+
+
+def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
+    """H.264 mp4 of uint8 (n, h, w, 3) frames; fixed flags and one thread make the bytes reproducible."""
+    n, h, w, _ = frames.shape
+    cmd = [
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "12", "-pix_fmt", "yuv420p", "-threads", "1",
+        "-fflags", "+bitexact", "-flags:v", "+bitexact", "-map_metadata", "-1", str(path),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(cmd, input=frames.tobytes(), check=True, capture_output=True)
+
+
+def _tg(rng, i, split, media, size, fps):
+    n = int(rng.integers(6 * fps, 16 * fps + 1))  # 6–16 s
+    frames, (color, shape), span = _appearance_video(rng, size, fps, n)
+    vid = f"{split}{i:04d}"
+    _encode(frames, fps, media / f"{vid}.mp4")
+    template = ("the {} appears.", "a {} shows up.", "a {} appears on the screen.")[rng.integers(3)]
+    return vid, {"duration": round(n / fps, 3), "timestamps": [list(span)], "sentences": [template.format(f"{color} {shape}")]}
+
+
+def _gqa(rng, i, split, media, size, fps):
+    duration = int(rng.integers(6, 17))  # whole seconds, like NExT-GQA's
+    frames, (color, shape), span = _appearance_video(rng, size, fps, duration * fps)
+    kind = ("shape", "colour", "object")[rng.integers(3)]
+    if kind == "shape":
+        question, answer, pool = "what shape appears for a while in the video", shape, list(SHAPES)
+    elif kind == "colour":
+        question, answer, pool = "what colour is the shape that appears for a while", color, list(COLORS)
+    else:
+        question, answer = "which object appears for a while and then disappears", f"{color} {shape}"
+        pool = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    wrong = [p for p in pool if p != answer]
+    options = [answer] + [wrong[j] for j in rng.choice(len(wrong), 4, replace=False)]
+    options = [options[j] for j in rng.permutation(5)]  # seeded position of the right answer
+    letter = "ABCDE"[options.index(answer)]
+
+    vid = f"{split}{i:04d}"
+    video = f"{i // 16:04d}/{vid}.mp4"  # NExT-GQA nests videos in numbered folders
+    _encode(frames, fps, media / video)
+    return {
+        "id": f"{vid}_0", "video": video, "question": question,
+        "options": [f"({'ABCDE'[j]}) {o}" for j, o in enumerate(options)],
+        "duration": duration, "glue": [list(span)], "type": "DO", "answer": f"({letter})",
+    }
+
+
+def _reflect(u: np.ndarray) -> np.ndarray:
+    """Folds positions onto [0, 1] as a ball bouncing between two walls."""
+    u = np.mod(u, 2)
+    return np.where(u > 1, 2 - u, u)
+
+
+def _track(rng, i, split, media, size):
+    n = int(rng.integers(20, 61))
+    name = f"GOT-10k_{split.capitalize()}_{i + 1:06d}"
+    seq = media / name
+    shutil.rmtree(seq, ignore_errors=True)  # stale frames would change n and so the selected frames
+    seq.mkdir(parents=True)
+
+    objs = _objects(rng, 2)  # target, distractor; the target is drawn last, on top
+    t = np.arange(n)
+    paths = []
+    for _ in objs:  # a smooth bouncing path per object, its size changing linearly
+        side = np.rint(np.linspace(*rng.uniform(0.2, 0.32, 2) * size, n)).astype(int)
+        speed = rng.uniform(0.01, 0.03, 2) * rng.choice([-1, 1], 2)  # fraction of the free range per frame
+        u = _reflect(rng.uniform(0, 1, 2)[None, :] + speed[None, :] * t[:, None])
+        paths.append((np.rint(u * (size - side)[:, None]).astype(int), side))
+
+    background = _background(rng, size)
+    boxes = []
+    for k in range(n):
+        img = background.copy()
+        for obj, (xy, side) in zip(objs[::-1], paths[::-1]):
+            mask = _draw(img, obj, *xy[k], side[k])
+        ys, xs = np.nonzero(mask)  # the target's mask, its box exact by construction
+        x, y = xy[k]
+        boxes.append([(x + xs.min()) / size, (y + ys.min()) / size, (x + xs.max() + 1) / size, (y + ys.max() + 1) / size])
+        Image.fromarray(img).save(seq / f"{k + 1:08d}.jpg", quality=95, subsampling=0)
+
+    # Spec §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
+    # the model sees 8 frames and the 8th box is the 7th's.
+    picks = [0] + [j * (n - 1) // 6 for j in range(1, 6)] + [n - 1] * 2
+    gt = [[round(v, 3) for v in boxes[k]] for k in picks]
+    return {"path": f"/synthetic/GOT-10k/{split}/{name}", "object": f"{objs[0][0]} {objs[0][1]}", "gt": gt}
+
+
+def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, size: int = 112,
+             video_fps: int = 4, force: bool = False) -> dict:
+    """Writes (or finds already written) the dataset under out_dir.
+
+    Returns {split: {task: {"annotations": path, "media_root": path}}} for splits train/test and tasks
+    tg/tracking/gqa. A manifest of the parameters makes a second call with the same ones return at once.
+    """
+    if size % 2 or size < 3 * 28:
+        raise ValueError(f"size must be even (yuv420p) and >= 84 (shapes >= 20 px), got {size}")
+    if int(video_fps) != video_fps or video_fps < 1:
+        raise ValueError(f"video_fps must be a positive integer, got {video_fps}")
+    out = Path(out_dir)
+    params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "size": size,
+              "video_fps": int(video_fps)}
+    paths = {split: {task: {"annotations": str(out / split / f"{task}.json"), "media_root": str(out / split / task)}
+                     for task in TASKS} for split in SPLITS}
+    manifest = out / "manifest.json"
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several ranks may call this at once: one writes, the rest wait
+        if (not force and manifest.exists() and json.loads(manifest.read_text()) == params
+                and all(Path(p["annotations"]).exists() for s in paths.values() for p in s.values())):
+            return paths
+        manifest.unlink(missing_ok=True)  # written last: its presence means a complete dataset
+
+        for s, split in enumerate(SPLITS):
+            count = n_train if split == "train" else n_test
+            for t, task in enumerate(TASKS):
+                media = Path(paths[split][task]["media_root"])
+                shutil.rmtree(media, ignore_errors=True)
+                media.mkdir(parents=True)
+                entries = []
+                for i in range(count):
+                    rng = np.random.default_rng([seed, s, t, i])  # each item independent of the others
+                    if task == "tg":
+                        entries.append(_tg(rng, i, split, media, size, int(video_fps)))
+                    elif task == "gqa":
+                        entries.append(_gqa(rng, i, split, media, size, int(video_fps)))
+                    else:
+                        entries.append(_track(rng, i, split, media, size))
+                data = dict(entries) if task == "tg" else entries
+                Path(paths[split][task]["annotations"]).write_text(json.dumps(data, indent=1) + "\n")
+        manifest.write_text(json.dumps(params, indent=1) + "\n")
+    return paths

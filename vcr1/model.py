@@ -1,0 +1,118 @@
+"""Loading Qwen2.5-VL (a local checkpoint or the tiny default), its 3-D mRoPE positions, and a forward
+that returns hidden states so the LM head can run through the fused kernels.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+
+from vcr1 import tiny
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_tokenizer(model_dir: str | None) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or the locally built tiny one when no checkpoint is given."""
+    if model_dir is None:
+        return tiny.build_tokenizer()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.chat_template is None:
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template (copy chat_template.json from the base model)")
+    return tok
+
+
+def load_model(model_dir: str | None, tokenizer, *, dtype: str = "fp32", attn: str = "sdpa",
+               seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """A local Qwen2.5-VL checkpoint, or the tiny random-init default built from its config."""
+    if model_dir is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen2_5_VLForConditionalGeneration(tiny.tiny_config(tokenizer))
+        model.config._attn_implementation = attn
+        return model.to(DTYPES[dtype])
+    if not (Path(model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: no config.json there (a local Qwen2.5-VL checkpoint is expected)")
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation=attn)
+
+
+def mrope_positions(input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None,
+                    second_per_grid_ts, config) -> torch.Tensor:
+    """3-D rotary positions (3, L) of one unpadded sequence, as the original Qwen2.5-VL release computes them.
+
+    Text tokens advance all three rows by one. A video block of T×H×W merged tokens gets
+    t = floor(i · second_per_grid_t · tokens_per_second), h and w = its grid row and column, all offset by
+    the position where the block starts; the text after it resumes at the block's largest position + 1.
+    (transformers 5.x resumes at start + max(H, W) instead, which the released checkpoints never saw.)
+    """
+    merge = config.vision_config.spatial_merge_size
+    tokens_per_second = config.vision_config.tokens_per_second
+    is_video = (input_ids == config.video_token_id).tolist()
+    grids = [] if video_grid_thw is None else video_grid_thw.tolist()
+    seconds = [1.0] * len(grids) if second_per_grid_ts is None else [float(s) for s in second_per_grid_ts]
+
+    rows, start, i, n, video = [], 0, 0, len(is_video), 0
+    while i < n:
+        if not is_video[i]:
+            j = i
+            while j < n and not is_video[j]:
+                j += 1
+            rows.append(torch.arange(start, start + j - i).expand(3, -1))
+            start += j - i
+            i = j
+            continue
+        if video >= len(grids):
+            raise ValueError("more video blocks in input_ids than rows in video_grid_thw")
+        t, h, w = grids[video][0], grids[video][1] // merge, grids[video][2] // merge
+        tt = (torch.arange(t, dtype=torch.float64) * seconds[video] * tokens_per_second).long()
+        block = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1) + start
+        if i + block.shape[1] > n or not all(is_video[i:i + block.shape[1]]):
+            raise ValueError(f"video {video}: expected {block.shape[1]} consecutive video tokens at {i}")
+        rows.append(block)
+        start = int(block.max()) + 1
+        i += block.shape[1]
+        video += 1
+    if video != len(grids):
+        raise ValueError(f"video_grid_thw has {len(grids)} rows but input_ids hold {video} video blocks")
+    return torch.cat(rows, dim=1).to(input_ids.device) if rows else torch.zeros(3, 0, dtype=torch.long)
+
+
+def accepts_mm_token_type_ids(model) -> bool:
+    """transformers >= 5 needs mm_token_type_ids to place video tokens during generate; older ones reject it."""
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> torch.Tensor:
+    """Last hidden states [B, L, H] of the language model (the LM head is left to the fused kernels)."""
+    out = model.model(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts, use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+class LMHead(torch.nn.Module):
+    """Stands in for `model.lm_head`, holding the same weight Parameter.
+
+    Called plainly it returns logits (HF generate needs that); called with `fn` it hands the weight to a
+    fused kernel, `fn(hidden, weight, **kw)`. Going through a module call matters under ZeRO-3: DeepSpeed
+    gathers a module's sharded parameters only around that module's own forward and backward.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, hidden: torch.Tensor, fn=None, **kwargs):
+        if fn is None:
+            return torch.nn.functional.linear(hidden, self.weight)
+        return fn(hidden, self.weight, **kwargs)
+
+
+def install_lm_head(model) -> None:
+    if not isinstance(model.lm_head, LMHead):
+        model.lm_head = LMHead(model.lm_head)

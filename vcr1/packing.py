@@ -1,0 +1,303 @@
+"""The group forward: hidden states of every completion token of a micro-batch of GRPO groups.
+
+A group is one prompt (text + video) and its G sampled completions. The reference path runs each
+(prompt + completion) as its own row of a right-padded batch, the vision tower per row (the paper's
+way). The fast path packs the micro-batch into one row with no padding,
+
+    [prompt_1 | a_11 … a_1G | prompt_2 | a_21 … | …]
+
+runs the vision tower once per video, and attends so that a prompt is causal over itself and each
+answer sees its prompt plus, causally, itself (never a sibling): P + G·C tokens of work instead of
+G·(P + C).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from vcr1_kernels import token_logprobs
+
+from vcr1.model import hidden_states, mrope_positions
+
+BACKENDS = ("flash", "torch", "sdpa")  # the order "auto" tries them in
+
+
+def _prompt(model, inputs: dict) -> dict:
+    """One prompt's ids [L], 3-D positions [3, L] and video inputs, on the model's device."""
+    device = model.device
+    ids = inputs["input_ids"].reshape(-1).to(device)
+    grid, seconds = inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts")
+    if inputs.get("position_ids") is not None:
+        positions = inputs["position_ids"].reshape(3, -1).to(device)
+    else:
+        positions = mrope_positions(ids, grid, seconds, model.config)
+    pixels = inputs.get("pixel_values_videos")
+    return {
+        "ids": ids, "positions": positions,
+        "pixels": None if pixels is None else pixels.to(device),
+        "grid": None if grid is None else grid.reshape(-1, 3).to(device),
+        "seconds": None if seconds is None else torch.as_tensor(seconds).reshape(-1).to(device),
+    }
+
+
+def _answer_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Completion tokens continue at the prompt's largest position + 1, all three rows equal."""
+    start = int(prompt_positions.max()) + 2 if prompt_positions.numel() else 0
+    return torch.arange(start, start + length, device=prompt_positions.device).expand(3, -1)
+
+
+def _cat_video(prompts: list[dict], repeats: list[int]) -> tuple:
+    """pixel_values_videos, video_grid_thw, second_per_grid_ts of prompt i repeated repeats[i] times."""
+    with_video = [(p, n) for p, n in zip(prompts, repeats) if p["pixels"] is not None]
+    if not with_video:
+        return None, None, None
+    return tuple(torch.cat([p[key] for p, n in with_video for _ in range(n)])
+                 for key in ("pixels", "grid", "seconds"))
+
+
+def _padded_hidden(model, prompts: list[dict], completions_list: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Reference: every (prompt + completion) its own right-padded row, the video repeated per row."""
+    rows, positions = [], []
+    for prompt, completions in zip(prompts, completions_list):
+        for c in completions:
+            rows.append(torch.cat([prompt["ids"], c]))
+            positions.append(torch.cat([prompt["positions"], _answer_positions(prompt["positions"], len(c))], 1))
+    width = max(len(r) for r in rows)
+    pad_id = model.config.text_config.pad_token_id or 0
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=model.device)
+    pos = torch.ones(3, len(rows), width, dtype=torch.long, device=model.device)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=model.device)
+    for i, (r, p) in enumerate(zip(rows, positions)):
+        ids[i, :len(r)], pos[:, i, :len(r)], mask[i, :len(r)] = r, p, 1
+    pixels, grid, seconds = _cat_video(prompts, [len(c) for c in completions_list])
+    hidden = hidden_states(model, ids, pos, mask, pixels, grid, seconds)
+
+    # Row i's completion token j is predicted by position len(prompt) + j - 1.
+    picked = []
+    i = 0
+    for prompt, completions in zip(prompts, completions_list):
+        start = len(prompt["ids"]) - 1
+        for c in completions:
+            picked.append(hidden[i, start:start + len(c)])
+            i += 1
+    return torch.cat(picked)
+
+
+# ---- the packed path ---------------------------------------------------------------------------
+
+@dataclass
+class PackedSegments:
+    """The packed row's attention segments, handed to the attention function in place of a mask.
+
+    Segment s (a prompt, or one answer) has queries q[cu_q[s]:cu_q[s+1]] and keys
+    k[kv_index[cu_k[s]:cu_k[s+1]]]: the prompt itself, or the answer's prompt followed by the answer.
+    The causal mask is aligned bottom-right, so answer token i sees its whole prompt and answer
+    tokens ≤ i. This is flash-attn's varlen layout, so every backend takes the same metadata.
+    """
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    kv_index: torch.Tensor
+    max_q: int
+    max_k: int
+    backend: str
+
+
+def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
+    """Why a packed-attention backend cannot run on this device and dtype, or None when it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
+    if backend == "sdpa":
+        return None
+    if torch.device(device).type != "cuda":
+        return f"{backend} varlen attention needs a CUDA device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{backend} varlen attention needs fp16 or bf16, not {dtype}"
+    if backend == "flash" and importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    if backend == "torch" and importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def _pick_backend(backend: str, device, dtype: torch.dtype) -> str:
+    if backend == "auto":
+        return next(b for b in BACKENDS if unavailable_reason(b, device, dtype) is None)
+    if reason := unavailable_reason(backend, device, dtype):
+        raise RuntimeError(f"packed attention backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def _sdpa_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
+    """Reference: one SDPA call per segment with an explicit bottom-right causal mask."""
+    out = []
+    bounds = zip(seg.cu_q.tolist(), seg.cu_q[1:].tolist(), seg.cu_k.tolist(), seg.cu_k[1:].tolist())
+    for q0, q1, k0, k1 in bounds:
+        lq, lk = q1 - q0, k1 - k0
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+    return torch.cat(out)
+
+
+def _flash_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
+    """flash-attn (>= 2.1 aligns causal bottom-right when q is shorter than k; GQA native)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k,
+                                  softmax_scale=scale, causal=True)
+
+
+def _torch_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
+    """torch.nn.attention.varlen (CUDA flash kernels, causal aligned bottom-right like flash-attn)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.10 takes is_causal (and no scale); later versions a (left, right) window, GQA from 2.12.
+    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:
+        raise NotImplementedError(f"torch {torch.__version__} varlen_attn has no scale argument")
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    else:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
+
+
+_VARLEN = {"flash": _flash_varlen, "torch": _torch_varlen, "sdpa": _sdpa_varlen}
+
+
+def _attention(module, query, key, value, attention_mask, *, fallback, scaling=None, **kwargs):
+    """Packed attention when handed PackedSegments; otherwise the implementation it wraps, unchanged."""
+    if not isinstance(attention_mask, PackedSegments):
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    seg = attention_mask
+    q = query[0].transpose(0, 1)  # [1, heads, T, head_dim] -> [T, heads, head_dim]
+    k, v = (t[0].transpose(0, 1).index_select(0, seg.kv_index) for t in (key, value))
+    return _VARLEN[seg.backend](q, k, v, seg, scaling).unsqueeze(0), None
+
+
+def _install(model) -> None:
+    """Wrap the language model's attention implementation with _attention (idempotent).
+
+    The wrapper replaces the entry in transformers' global ALL_ATTENTION_FUNCTIONS rather than
+    registering a new name: the config keeps its name (flash-attn's HF path selects its kernel by
+    it), other calls pass through untouched, and a gradient-checkpointing replay in backward
+    dispatches through the wrapper again with the same PackedSegments.
+    """
+    config = model.model.language_model.config
+    if getattr(config, "use_sliding_window", False):
+        raise NotImplementedError("packed attention does not implement Qwen2's sliding-window layers")
+    name = config._attn_implementation
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        raise NotImplementedError(f"packed attention wraps a registered attention implementation "
+                                  f"(sdpa, flash_attention_2, ...), not {name!r}")
+    current = ALL_ATTENTION_FUNCTIONS[name]
+    if not getattr(current, "vcr1_packed", False):
+        wrapper = partial(_attention, fallback=current)
+        wrapper.vcr1_packed = True
+        ALL_ATTENTION_FUNCTIONS[name] = wrapper
+
+
+def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backend: str):
+    """The packed row [prompt_1 | a_11 … a_1G | prompt_2 | …]: ids [T], positions [4, T] (the text
+    row, then t/h/w), the attention segments, and the row of the hidden state that predicts each
+    completion token."""
+    device = prompts[0]["ids"].device
+    ids, positions, queries, keys, rows = [], [], [], [], []
+    offset = 0
+    for prompt, completions in zip(prompts, completions_list):
+        n = len(prompt["ids"])
+        span = torch.arange(offset, offset + n, device=device)
+        ids.append(prompt["ids"])
+        positions.append(torch.cat([torch.arange(n, device=device)[None], prompt["positions"]]))
+        queries.append(span), keys.append(span)
+        offset += n
+        for c in completions:
+            own = torch.arange(offset, offset + len(c), device=device)
+            ids.append(c)
+            text = torch.arange(n, n + len(c), device=device)[None]
+            positions.append(torch.cat([text, _answer_positions(prompt["positions"], len(c))]))
+            queries.append(own), keys.append(torch.cat([span, own]))
+            # The prompt's last token predicts every answer's first token.
+            rows.append(torch.cat([span[-1:], own[:-1]]))
+            offset += len(c)
+
+    def cumulative(spans):
+        return F.pad(torch.tensor([len(s) for s in spans], device=device).cumsum(0), (1, 0)).to(torch.int32)
+
+    segments = PackedSegments(cumulative(queries), cumulative(keys), torch.cat(keys),
+                              max(map(len, queries)), max(map(len, keys)), backend)
+    return torch.cat(ids), torch.cat(positions, 1), segments, torch.cat(rows)
+
+
+def _video_embeds(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The vision tower over all videos at once (it already attends per frame pair and window)."""
+    features = model.model.get_video_features(pixels, grid)
+    # transformers 5 returns a ModelOutput holding the per-video split; 4.x the split itself.
+    return torch.cat(getattr(features, "pooler_output", features))
+
+
+def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch.Tensor]],
+                   backend: str) -> torch.Tensor:
+    """Fast path: one packed row, the vision tower once per video, answers sharing their prompt."""
+    _install(model)
+    backend = _pick_backend(backend, model.device, model.dtype)
+    ids, positions, segments, rows = _pack(prompts, completions_list, backend)
+    embeds = model.model.get_input_embeddings()(ids)
+    pixels, grid, _ = _cat_video(prompts, [1] * len(prompts))
+    if pixels is not None:
+        is_video = (ids == model.config.video_token_id)[:, None]
+        embeds = embeds.masked_scatter(is_video, _video_embeds(model, pixels, grid).to(embeds.dtype))
+    # A mask dict is taken as already built, so no dense [T, T] mask is made; every layer type gets
+    # the segments.
+    masks = {kind: segments for kind in ("full_attention", "sliding_attention")}
+    out = model.model.language_model(inputs_embeds=embeds[None], position_ids=positions[:, None],
+                                     attention_mask=masks, use_cache=False)
+    return out.last_hidden_state[0, rows]
+
+
+# ---- the interface -----------------------------------------------------------------------------
+
+def completion_hidden(model, prompt_inputs_list: list[dict], completions_list: list[list[torch.Tensor]], *,
+                      shared_prefix: bool = True, backend: str = "auto"):
+    """Hidden states predicting every completion token, group by group, completions in order.
+
+    prompt_inputs_list[g] is what the processor returns for group g's prompt (input_ids,
+    pixel_values_videos, video_grid_thw, second_per_grid_ts, optionally position_ids);
+    completions_list[g] its completions (1-D token ids, ragged, non-empty).
+    Returns hidden [N, H] (the LM head is left to the caller), targets [N] and the completion
+    boundaries cu_seqlens [B + 1] int32, N = total completion tokens, B = total completions.
+    shared_prefix=False is the repeated-prompt padded reference; backend picks the packed attention
+    kernel ("auto", "flash", "torch" or "sdpa").
+    """
+    prompts = [_prompt(model, p) for p in prompt_inputs_list]
+    completions_list = [[c.reshape(-1).to(model.device) for c in cs] for cs in completions_list]
+    if any(len(c) == 0 for cs in completions_list for c in cs) or any(not cs for cs in completions_list):
+        raise ValueError("every group needs at least one completion, and every completion at least one token")
+    completions = [c for cs in completions_list for c in cs]
+    targets = torch.cat(completions)
+    lengths = torch.tensor([0] + [len(c) for c in completions], device=model.device)
+    cu_seqlens = lengths.cumsum(0).to(torch.int32)
+    if shared_prefix:
+        hidden = _packed_hidden(model, prompts, completions_list, backend)
+    else:
+        hidden = _padded_hidden(model, prompts, completions_list)
+    return hidden, targets, cu_seqlens
+
+
+def group_logprobs(model, prompt_inputs: dict, completions: list[torch.Tensor], *,
+                   shared_prefix: bool = True, backend: str = "auto") -> list[torch.Tensor]:
+    """Differentiable fp32 log-probs of each completion's tokens under one prompt."""
+    hidden, targets, cu_seqlens = completion_hidden(model, [prompt_inputs], [completions],
+                                                    shared_prefix=shared_prefix, backend=backend)
+    # Only .weight: the trainer may swap lm_head for a wrapper module that keeps it.
+    logp = token_logprobs(hidden, model.lm_head.weight, targets)
+    return list(logp.split(cu_seqlens.diff().tolist()))
