@@ -23,7 +23,7 @@ TRITON = pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_HERE, reason="triton was imported before TRITON_INTERPRET=1; test_triton_in_fresh_process runs it"))
 BACKENDS = [TRITON, "torch"]
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 MAX_LEN = 16  # max_completion_length for dr_grpo
 
 
@@ -78,7 +78,7 @@ def grpo_loss_f64(logp, cu_seqlens, advantages, old, ref, *, beta, epsilon_low, 
 
 def make_batch(lengths, dim, vocab, dtype=torch.float32, *, temperature=1.0, seed=0):
     """Packed completions with targets sampled from the model and old/ref log-probs close to it, so
-    ratios leave the clip range on both sides; advantages alternate in sign."""
+    ratios leave the clip range on both sides; advantages cycle through positive, negative and zero."""
     gen = torch.Generator().manual_seed(seed)
     n = sum(lengths)
     hidden = torch.randn(n, dim, generator=gen).to(dtype)
@@ -86,7 +86,7 @@ def make_batch(lengths, dim, vocab, dtype=torch.float32, *, temperature=1.0, see
     probs = (hidden.double() @ weight.double().T / temperature).softmax(-1)
     targets = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
     logp, _ = logprobs_f64(hidden, weight, targets, temperature)
-    signs = torch.tensor([1.0, -1.0]).repeat(len(lengths))[:len(lengths)]
+    signs = torch.tensor([1.0, -1.0, 0.0]).repeat(len(lengths))[:len(lengths)]
     batch = dict(
         hidden=hidden, weight=weight, targets=targets,
         cu_seqlens=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32),
@@ -114,11 +114,13 @@ def assert_close(actual, expected, tol):
 
 # ---------------------------------------------------------------------------- token_logprobs
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("n,dim,vocab,temperature", [
-    (37, 48, 257, 1.0),  # vocab = 4 tiles + 1 column: a padded tail nearly a whole tile wide
+    (37, 48, 257, 1.0),  # vocab = 4 interpreter tiles + 1 column: a padded tail nearly a whole tile wide
     (64, 32, 1000, 0.7),
     (5, 80, 300, 1.3),
+    (1, 16, 65, 1.0),
+    (150, 32, 1031, 0.6),  # several row tiles; the tail is 7 columns
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_match_float64(backend, n, dim, vocab, temperature, dtype):

@@ -39,10 +39,12 @@ def set_rng_state(state: dict):
 
 
 def save(out_dir: Path, step: int, *, engine, tokenizer, zero_stage: int, rank: int, trainer_state: dict,
-         rank_state: dict, model_src: str | None, keep: int) -> Path:
-    """Write checkpoint `step`; every process calls it. Returns the final directory."""
+         rank_state: dict, model_src: str | None, keep: int, protect: int = 0) -> Path:
+    """Write checkpoint `step`; every process calls it. Returns the final directory.
+
+    The checkpoint of step `protect` (the end of the warm-up, which is π_ref) is never pruned."""
     root = out_dir / "checkpoints"
-    final, tmp = root / f"step-{step:06d}", root / f"step-{step:06d}.tmp"
+    final, tmp = root / protected_name(step), root / f"{protected_name(step)}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -65,11 +67,16 @@ def save(out_dir: Path, step: int, *, engine, tokenizer, zero_stage: int, rank: 
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         _write_atomic(root / "latest", final.name)
-        done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+                      and p.name != protected_name(protect))
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def protected_name(step: int) -> str:
+    return f"step-{step:06d}"
 
 
 def latest(out_dir: Path) -> Path | None:

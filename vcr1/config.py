@@ -149,9 +149,9 @@ TINY_PRESET = {
     "data.video.max_pixels": 112 * 112,
     "data.video.min_pixels": 56 * 56,
     "grpo.num_generations": 4,
-    "grpo.max_completion_length": 40,
+    "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
     "grpo.beta": 0.01,
-    "sft.steps": 60,
+    "sft.steps": 40,
     "sft.lr": 2e-3,
     "sft.batch_size": 8,
     "optim.lr": 3e-4,
@@ -159,8 +159,9 @@ TINY_PRESET = {
     "engine.zero_stage": 0,
     "engine.offload": False,
     "prompts_per_step": 4,
-    "max_steps": 60,
-    "save_every": 30,
+    "max_steps": 40,
+    "epochs": 100,  # max_steps decides the length
+    "save_every": 20,
     "samples_every": 10,
 }
 

@@ -47,7 +47,7 @@ def _prompt(model, inputs: dict) -> dict:
 
 def _answer_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
     """Completion tokens continue at the prompt's largest position + 1, all three rows equal."""
-    start = int(prompt_positions.max()) + 2 if prompt_positions.numel() else 0
+    start = int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
     return torch.arange(start, start + length, device=prompt_positions.device).expand(3, -1)
 
 
@@ -124,7 +124,8 @@ def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _pick_backend(backend: str, device, dtype: torch.dtype) -> str:
+def pick_backend(backend: str, device, dtype: torch.dtype) -> str:
+    """The backend "auto" resolves to (the first available of BACKENDS), or the requested one, checked."""
     if backend == "auto":
         return next(b for b in BACKENDS if unavailable_reason(b, device, dtype) is None)
     if reason := unavailable_reason(backend, device, dtype):
@@ -249,7 +250,7 @@ def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch
                    backend: str) -> torch.Tensor:
     """Fast path: one packed row, the vision tower once per video, answers sharing their prompt."""
     _install(model)
-    backend = _pick_backend(backend, model.device, model.dtype)
+    backend = pick_backend(backend, model.device, model.dtype)
     ids, positions, segments, rows = _pack(prompts, completions_list, backend)
     embeds = model.model.get_input_embeddings()(ids)
     pixels, grid, _ = _cat_video(prompts, [1] * len(prompts))

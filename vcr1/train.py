@@ -11,7 +11,6 @@ clipped, KL-regularised loss on the packed completion tokens.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -73,6 +72,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, self.device = eng.init_distributed()
         self.out = Path(cfg.output_dir)
+        self.sft_steps = cfg.sft.steps if "sft" in cfg.stage else 0
         self.phase = Phases(cfg.engine.nvtx)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed + self.rank)
@@ -85,7 +85,7 @@ class Trainer:
             install_lm_head(model)
             if cfg.model.freeze_vision:
                 model.model.visual.requires_grad_(False)
-            ref = copy.deepcopy(model) if cfg.grpo.beta > 0 and "grpo" in cfg.stage else None
+            ref = self._initial_ref(model)
             if cfg.model.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -99,12 +99,12 @@ class Trainer:
         self.model = self.engine.module
         self.ref = eng.build_frozen(ref, cfg) if ref is not None else None
         self.step, self.stage = 0, "sft" if "sft" in cfg.stage else "grpo"
+        self._ref_synced = False
+        self._grad_norm = None
 
-        resumed = None
-        if cfg.resume:
-            resumed = checkpoint.latest(self.out)
-            if resumed is None and self.rank == 0:
-                print(f"--resume: no checkpoint under {self.out}/checkpoints, starting fresh", flush=True)
+        resumed = checkpoint.latest(self.out) if cfg.resume else None
+        if cfg.resume and resumed is None and self.rank == 0:
+            print(f"--resume: no checkpoint under {self.out}/checkpoints, starting fresh", flush=True)
         self.monitor = Monitor(self.out, enabled=self.rank == 0, wandb_run=cfg.wandb, config=to_dict(cfg),
                                resume=resumed is not None)
         if resumed is not None:
@@ -118,6 +118,32 @@ class Trainer:
             f"({self.counters.skipped_annotations} malformed skipped) | output {self.out}")
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _initial_ref(self, model):
+        """π_ref: the policy as GRPO starts. After a warm-up that is the warm-up's last checkpoint (on resume)
+        or a copy taken at the switch (see `_sync_ref`); without one, the loaded model."""
+        cfg = self.cfg
+        if cfg.grpo.beta == 0 or "grpo" not in cfg.stage:
+            return None
+        if self.sft_steps and cfg.resume:
+            warm = self.out / "checkpoints" / checkpoint.protected_name(self.sft_steps)
+            if warm.is_dir():
+                ref = load_model(str(warm), self.tokenizer, dtype=cfg.model.dtype, attn=cfg.model.attn)
+                install_lm_head(ref)
+                return ref.to(self.device)
+        return copy.deepcopy(model)
+
+    def _sync_ref(self):
+        """Make π_ref the warmed-up policy (ZeRO-3 shards match rank by rank, so shards copy directly)."""
+        if self.ref is None:
+            return
+        with torch.no_grad():
+            for p_ref, p in zip(self.ref.parameters(), self.model.parameters()):
+                if hasattr(p, "ds_tensor"):
+                    p_ref.ds_tensor.copy_(p.ds_tensor)
+                else:
+                    p_ref.copy_(p)
+        self._ref_synced = True
+
     def _eos_ids(self, model) -> list[int]:
         ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
         gen = getattr(model, "generation_config", None)
@@ -176,8 +202,17 @@ class Trainer:
                 hidden = self._hidden(self.model, last_good.inputs, last_good.completions)[0]
             loss = self.model.lm_head(hidden, fn=_zero_loss)
         self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary():
+            self._grad_norm = self._global_grad_norm()
         self.engine.step()
         return bad.item() == 0
+
+    def _global_grad_norm(self) -> float | None:
+        """DeepSpeed reports it for ZeRO >= 1; at stage 0 the full gradients are local, so compute it."""
+        if self.cfg.engine.zero_stage > 0:
+            return None
+        grads = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else None
 
     # ---- supervised warm-up ------------------------------------------------------------------------
     def sft_step(self):
@@ -315,10 +350,12 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg
-        sft_steps = cfg.sft.steps if "sft" in cfg.stage else 0
+        sft_steps = self.sft_steps
         total = sft_steps + self.grpo_steps
         while self.step < total:
             self.stage = "sft" if self.step < sft_steps else "grpo"
+            if self.step == sft_steps and sft_steps and not self._ref_synced:
+                self._sync_ref()
             t0 = time.perf_counter()
             if self.stage == "sft":
                 row, samples = self.sft_step(), []
@@ -327,7 +364,8 @@ class Trainer:
             self.step += 1
             dt = time.perf_counter() - t0
             row = {"step": self.step, "stage": self.stage, **row, "lr": self.engine.get_lr()[0],
-                   "grad_norm": _float(self.engine.get_global_grad_norm()), "step_time": round(dt, 3),
+                   "grad_norm": _float(self._grad_norm if self.cfg.engine.zero_stage == 0
+                                                     else self.engine.get_global_grad_norm()), "step_time": round(dt, 3),
                    "tokens_per_s": round(row.pop("tokens") / dt, 1), **self._skips(), **self.phase.pop()}
             self.monitor.log(row)
             if samples and (self.step - sft_steps) % cfg.samples_every in (0, 1):
@@ -373,12 +411,13 @@ class Trainer:
             path = checkpoint.save(self.out, self.step, engine=self.engine, tokenizer=self.tokenizer,
                                    zero_stage=self.cfg.engine.zero_stage, rank=self.rank, trainer_state=state,
                                    rank_state=rank_state, model_src=self.cfg.model.path,
-                                   keep=self.cfg.keep_checkpoints)
+                                   keep=self.cfg.keep_checkpoints, protect=self.sft_steps)
         self.monitor.progress(f"checkpoint {path}")
 
     def _restore(self, path: Path):
         state, rank_state = checkpoint.load(path, engine=self.engine, rank=self.rank)
         self.step = state["step"]
+        self._ref_synced = self.step > self.sft_steps  # π_ref was rebuilt from the warm-up checkpoint
         self.counters.skipped_nan = state["skipped_nan"]
         self.counters.skipped_reward = state["skipped_reward"] if self.rank == 0 else 0
         self.stream.load_state(rank_state["stream"])

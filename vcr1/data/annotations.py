@@ -201,11 +201,10 @@ def _jsonl(n: int, line: str, task: str | None, media_root: Path, stem: str) -> 
 
 
 def _join_video(video, media_root: Path):
-    if isinstance(video, str):
-        return str(media_root / video)  # an absolute path stays as it is
+    """Paths relative to media_root (absolute ones stay); anything else is left for validate()."""
     if isinstance(video, list):
-        return [str(media_root / v) if isinstance(v, str) else v for v in video]
-    return video  # validate() names the problem
+        return [_join_video(v, media_root) for v in video]
+    return str(media_root / video) if isinstance(video, str) and video else video
 
 
 PARSERS = {"charades": _charades, "nextgqa": _nextgqa, "got10k": _got10k, "jsonl": _jsonl}

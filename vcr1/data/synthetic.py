@@ -90,7 +90,8 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
 
     def place(c: int) -> tuple[int, int, int]:  # a random box inside grid cell c
         side = int(rng.integers(int(0.6 * cell), int(0.9 * cell) + 1))
-        return c % GRID * cell + int(rng.integers(cell - side + 1)), c // GRID * cell + int(rng.integers(cell - side + 1)), side
+        dx, dy = rng.integers(cell - side + 1, size=2)
+        return c % GRID * cell + int(dx), c // GRID * cell + int(dy), side
 
     cells = rng.choice(GRID * GRID, 1 + len(distractors), replace=False)
     still = _background(rng, size)
@@ -106,7 +107,7 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
 
 def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
     """H.264 mp4 of uint8 (n, h, w, 3) frames; fixed flags and one thread make the bytes reproducible."""
-    n, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     cmd = [
         "ffmpeg", "-nostdin", "-loglevel", "error", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-",
@@ -123,7 +124,8 @@ def _tg(rng, i, split, media, size, fps):
     vid = f"{split}{i:04d}"
     _encode(frames, fps, media / f"{vid}.mp4")
     template = ("the {} appears.", "a {} shows up.", "a {} appears on the screen.")[rng.integers(3)]
-    return vid, {"duration": round(n / fps, 3), "timestamps": [list(span)], "sentences": [template.format(f"{color} {shape}")]}
+    sentence = template.format(f"{color} {shape}")
+    return vid, {"duration": round(n / fps, 3), "timestamps": [list(span)], "sentences": [sentence]}
 
 
 def _gqa(rng, i, split, media, size, fps):
@@ -162,7 +164,6 @@ def _track(rng, i, split, media, size):
     n = int(rng.integers(20, 61))
     name = f"GOT-10k_{split.capitalize()}_{i + 1:06d}"
     seq = media / name
-    shutil.rmtree(seq, ignore_errors=True)  # stale frames would change n and so the selected frames
     seq.mkdir(parents=True)
 
     objs = _objects(rng, 2)  # target, distractor; the target is drawn last, on top
@@ -180,9 +181,10 @@ def _track(rng, i, split, media, size):
         img = background.copy()
         for obj, (xy, side) in zip(objs[::-1], paths[::-1]):
             mask = _draw(img, obj, *xy[k], side[k])
-        ys, xs = np.nonzero(mask)  # the target's mask, its box exact by construction
+        ys, xs = np.nonzero(mask)  # the target's mask: its box is exact by construction
         x, y = xy[k]
-        boxes.append([(x + xs.min()) / size, (y + ys.min()) / size, (x + xs.max() + 1) / size, (y + ys.max() + 1) / size])
+        boxes.append([(x + xs.min()) / size, (y + ys.min()) / size,
+                      (x + xs.max() + 1) / size, (y + ys.max() + 1) / size])
         Image.fromarray(img).save(seq / f"{k + 1:08d}.jpg", quality=95, subsampling=0)
 
     # Spec §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
@@ -206,8 +208,8 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
     out = Path(out_dir)
     params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "size": size,
               "video_fps": int(video_fps)}
-    paths = {split: {task: {"annotations": str(out / split / f"{task}.json"), "media_root": str(out / split / task)}
-                     for task in TASKS} for split in SPLITS}
+    paths = {split: {task: {"annotations": str(out / split / f"{task}.json"),
+                            "media_root": str(out / split / task)} for task in TASKS} for split in SPLITS}
     manifest = out / "manifest.json"
 
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,7 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
             count = n_train if split == "train" else n_test
             for t, task in enumerate(TASKS):
                 media = Path(paths[split][task]["media_root"])
-                shutil.rmtree(media, ignore_errors=True)
+                shutil.rmtree(media, ignore_errors=True)  # stale frames would change a sequence's length
                 media.mkdir(parents=True)
                 entries = []
                 for i in range(count):

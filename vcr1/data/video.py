@@ -262,6 +262,8 @@ def _open_decoder(path: Path, device: torch.device) -> decoders.VideoDecoder:
 
 def _frame_window(total: int, video_fps: float, start: float | None, end: float | None) -> tuple[int, int]:
     """First and last frame index of [start, end] seconds (qwen-vl-utils' video_start/video_end)."""
+    if start is None and end is None:
+        return 0, total - 1
     duration = total / video_fps
     first = 0 if start is None else math.ceil(min(max(start, 0.0), duration) * video_fps)
     last = total - 1 if end is None else min(math.floor(min(max(end, 0.0), duration) * video_fps), total - 1)

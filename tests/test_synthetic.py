@@ -1,0 +1,151 @@
+"""The synthetic dataset: deterministic, cached, readable by the real loaders, and its ground truth exact.
+
+Ground truth is checked against the pixels the trainer would see (load_video's frames), not against
+the generator's own bookkeeping.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vcr1.data.annotations import load_annotations
+from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, TASKS, generate, shape_mask
+from vcr1.data.video import load_video
+
+N_TRAIN, N_TEST, SIZE = 4, 2, 112
+CLOSE = 60  # max colour distance to a pure shape colour after H.264 / JPEG (≥ 100 between colours)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return out, generate(out, seed=0, n_train=N_TRAIN, n_test=N_TEST)
+
+
+def samples(paths, split, task):
+    p = paths[split][task]
+    got, skipped = load_annotations(task, p["annotations"], p["media_root"])
+    assert skipped == 0
+    return got
+
+
+def frames(sample):
+    """load_video's frames as [T, H, W, 3] int arrays, and their times in seconds."""
+    clip = load_video(sample.video)
+    return clip.frames.permute(0, 2, 3, 1).numpy().astype(int), clip.timestamps
+
+
+def near(img, color):
+    return np.linalg.norm(img - np.array(RGB[color]), axis=-1) < CLOSE
+
+
+def words(text, vocab):
+    return [w for w in text.replace(".", "").split() if w in vocab]
+
+
+def test_loaders_read_every_file(data):
+    _, paths = data
+    for split, n in zip(SPLITS, (N_TRAIN, N_TEST)):
+        for task in TASKS:
+            got = samples(paths, split, task)
+            assert len(got) == n and all(s.task == task for s in got)
+            for s in got:
+                clip = load_video(s.video)
+                assert clip.frames.shape[1:] == (3, SIZE, SIZE) and clip.frames.shape[0] % 2 == 0
+                if task == "tracking":
+                    assert clip.frames.shape[0] == 8 and len(s.solution["boxes"]) == 8
+                else:  # the annotated duration is the file's
+                    assert clip.duration == pytest.approx(s.duration)
+
+
+def test_formats_mirror_real_files(data):
+    _, paths = data
+    tg = json.loads(Path(paths["train"]["tg"]["annotations"]).read_text())
+    entry = next(iter(tg.values()))
+    assert set(entry) == {"duration", "timestamps", "sentences"}
+    assert len(entry["timestamps"]) == len(entry["sentences"])
+    assert all(t == round(t, 1) for t in entry["timestamps"][0]) and entry["sentences"][0].endswith(".")
+    gqa = json.loads(Path(paths["train"]["gqa"]["annotations"]).read_text())[0]
+    assert set(gqa) == {"id", "video", "question", "options", "duration", "glue", "type", "answer"}
+    assert [o[:4] for o in gqa["options"]] == ["(A) ", "(B) ", "(C) ", "(D) ", "(E) "]
+    track = json.loads(Path(paths["train"]["tracking"]["annotations"]).read_text())[0]
+    assert set(track) == {"path", "object", "gt"} and track["path"].startswith("/")
+    assert all(0 <= v <= 1 and v == round(v, 3) for box in track["gt"] for v in box)
+
+
+def test_deterministic(data, tmp_path):
+    out, paths = data
+    same = generate(tmp_path / "same", seed=0, n_train=N_TRAIN, n_test=N_TEST)
+    other = generate(tmp_path / "other", seed=1, n_train=N_TRAIN, n_test=N_TEST)
+    for split in SPLITS:
+        for task in TASKS:
+            ann = Path(paths[split][task]["annotations"]).read_text()
+            assert Path(same[split][task]["annotations"]).read_text() == ann
+            assert Path(other[split][task]["annotations"]).read_text() != ann
+            for a, b in zip(samples(paths, split, task), samples(same, split, task)):
+                assert np.array_equal(frames(a)[0], frames(b)[0])
+    a, b = samples(paths, "train", "tg")[0], samples(other, "train", "tg")[0]
+    assert frames(a)[0].shape != frames(b)[0].shape or not np.array_equal(frames(a)[0], frames(b)[0])
+
+
+def test_cached_unless_parameters_change(tmp_path):
+    generate(tmp_path, n_train=1, n_test=1)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock")
+    stamps = [p.stat().st_mtime_ns for p in files]
+    start = time.perf_counter()
+    paths = generate(tmp_path, n_train=1, n_test=1)
+    assert time.perf_counter() - start < 0.5
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    generate(tmp_path, n_train=1, n_test=2)  # a changed parameter regenerates
+    assert len(samples(paths, "test", "gqa")) == 2
+
+
+def test_tg_target_visible_exactly_in_span(data):
+    _, paths = data
+    for split in SPLITS:
+        for s in samples(paths, split, "tg"):
+            (color,) = words(s.fields["event"], COLORS)
+            start, end = s.solution["span"]
+            imgs, times = frames(s)
+            inside = [start <= t < end for t in times]
+            assert any(inside) and not all(inside)
+            for img, shown in zip(imgs, inside):
+                assert (near(img, color).sum() > 100) == shown, (s.uid, color, start, end)
+
+
+def test_tracking_boxes_are_the_targets(data):
+    _, paths = data
+    for split in SPLITS:
+        for s in samples(paths, split, "tracking"):
+            color, _ = s.fields["object"].split()
+            imgs, _ = frames(s)
+            for img, box in zip(imgs, s.solution["boxes"]):
+                x0, y0, x1, y1 = np.array(box) * SIZE
+                assert near(img, color)[int((y0 + y1) / 2), int((x0 + x1) / 2)]
+                ys, xs = np.nonzero(near(img, color))  # the target's pixels span the box, no more
+                assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x0, y0, x1, y1], atol=1.5)
+
+
+def test_gqa_answer_names_what_appears_in_glue(data):
+    _, paths = data
+    for split in SPLITS:
+        for s in samples(paths, split, "gqa"):
+            letter = s.solution["answer"].strip("()")
+            answer = next(o[4:] for o in s.fields["options"] if o.startswith(f"({letter})"))
+            (start, end), = s.solution["glue"]
+            imgs, times = frames(s)
+            inside = [start <= t < end for t in times]
+            assert any(inside) and not all(inside)
+            # the target is what differs between a frame inside the glue and one outside it
+            appeared = np.abs(imgs[inside.index(True)] - imgs[inside.index(False)]).sum(-1) > 60
+            ys, xs = np.nonzero(appeared)
+            pixels = imgs[inside.index(True)][appeared]
+            color = min(COLORS, key=lambda c: np.linalg.norm(np.median(pixels, 0) - RGB[c]))
+            crop = appeared[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            masks = {sh: shape_mask(sh, *crop.shape) for sh in SHAPES}
+            iou = {sh: (crop & m).sum() / (crop | m).sum() for sh, m in masks.items()}
+            assert words(answer, COLORS) in ([], [color]), (s.uid, answer, color)
+            assert words(answer, SHAPES) in ([], [max(iou, key=iou.get)]), (s.uid, answer, iou)
+            assert words(answer, COLORS + SHAPES)  # the answer names a colour, a shape or both

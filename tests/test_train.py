@@ -1,0 +1,150 @@
+"""End to end: the trainer on the synthetic set — outputs, exact resume, two processes under DeepSpeed,
+and bad input that is skipped and counted instead of ending the run."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from vcr1 import train
+from vcr1.config import parse_config
+from vcr1.data.synthetic import generate
+
+SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
+         "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, seed=0, n_train=4, n_test=2)
+    return root
+
+
+def _args(out, synthetic, *extra):
+    return SMALL + ["--output_dir", str(out), "--data.synthetic_dir", str(synthetic),
+                    "--data.synthetic_train", "4", "--data.synthetic_test", "2", *extra]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(argv):
+    return train.Trainer(parse_config(argv)).run()
+
+
+def test_outputs_and_exact_resume(tmp_path, synthetic):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _run(_args(straight, synthetic, "--max_steps", "3"))
+    _run(_args(split, synthetic, "--max_steps", "1"))
+    _run(_args(split, synthetic, "--max_steps", "3", "--resume", "true"))
+
+    rows = _metrics(straight)
+    assert [r["stage"] for r in rows] == ["sft", "sft", "grpo", "grpo", "grpo"]
+    grpo = rows[-1]
+    for key in ("loss", "reward", "kl", "clip_ratio", "completion_length", "tokens_per_s", "step_time",
+                "skipped/media", "skipped/annotations", "skipped/reward", "skipped/nan", "grad_norm"):
+        assert key in grpo, key
+    assert any(k.startswith("reward/tg/") for r in rows for k in r)
+    for name in ("config.yaml", "samples.jsonl", "reward_curve.png"):
+        assert (straight / name).is_file(), name
+    assert list((straight / "tensorboard").iterdir())
+
+    # the resumed run continues exactly: same metrics from the resume point, same final weights
+    resumed = _metrics(split)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(rows[3:], resumed[3:]):
+        assert a["reward"] == b["reward"] and a["completion_length"] == b["completion_length"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    wa = load_file(straight / "checkpoints/step-000005/model.safetensors")
+    wb = load_file(split / "checkpoints/step-000005/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # the warm-up's last checkpoint (π_ref) is kept whatever keep_checkpoints says
+    assert (split / "checkpoints/step-000002").is_dir()
+
+
+def test_checkpoint_loads_with_from_pretrained(tmp_path, synthetic):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    out = tmp_path / "o"
+    trainer = train.main(_args(out, synthetic, "--max_steps", "1"))
+    ckpt = out / "checkpoints/step-000003"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.chat_template and tok.convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
+    live = trainer.model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+
+
+def _bad_dataset(tmp_path, synthetic):
+    """Two good tg videos, one missing, one garbage file, one malformed entry."""
+    ann = json.loads((synthetic / "train/tg.json").read_text())
+    media = tmp_path / "media"
+    media.mkdir()
+    good = list(ann)[:2]
+    for vid in good:
+        shutil.copy(synthetic / "train/tg" / f"{vid}.mp4", media / f"{vid}.mp4")
+    (media / "garbage.mp4").write_bytes(os.urandom(4096))
+    entries = {vid: ann[vid] for vid in good}
+    entries["missing"] = entries["garbage"] = ann[good[0]]
+    entries["malformed"] = {"duration": 10.0, "timestamps": "not a list", "sentences": ["x."]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(entries))
+    return f"tg:{path}:{media}"
+
+
+def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
+    calls = {"score": 0, "loss": 0}
+    real_score, real_loss = train.score, train.grpo_loss
+
+    def flaky_score(*a, **kw):
+        calls["score"] += 1
+        if calls["score"] == 1:
+            raise RuntimeError("reward bug")
+        return real_score(*a, **kw)
+
+    def nan_once(*a, **kw):
+        calls["loss"] += 1
+        loss, stats = real_loss(*a, **kw)
+        return (loss * float("nan"), stats) if calls["loss"] == 2 else (loss, stats)
+
+    monkeypatch.setattr(train, "score", flaky_score)
+    monkeypatch.setattr(train, "grpo_loss", nan_once)
+    out = tmp_path / "o"
+    trainer = _run(_args(out, tmp_path, "--data", _bad_dataset(tmp_path, synthetic), "--max_steps", "3",
+                         "--sft.steps", "1"))
+    last = _metrics(out)[-1]
+    assert last["skipped/annotations"] == 1
+    assert last["skipped/media"] >= 2  # the missing and the garbage video, each time they are drawn
+    assert last["skipped/reward"] == 1 and last["skipped/nan"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def _torchrun(out, synthetic, *extra, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(REPO / "vcr1/train.py"), *_args(out, synthetic, *extra)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_processes_with_deepspeed_and_resume(tmp_path, synthetic, zero):
+    out = tmp_path / f"zero{zero}"
+    _torchrun(out, synthetic, "--engine.zero_stage", str(zero), "--sft.steps", "1", "--max_steps", "1")
+    _torchrun(out, synthetic, "--engine.zero_stage", str(zero), "--sft.steps", "1", "--max_steps", "2",
+              "--resume", "true")
+    rows = _metrics(out)
+    assert [(r["step"], r["stage"]) for r in rows] == [(1, "sft"), (2, "grpo"), (3, "grpo")]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / "checkpoints/step-000003/rank1.pt").is_file()
+    weights = load_file(out / "checkpoints/step-000003/model.safetensors")
+    assert all(w.numel() > 0 and torch.isfinite(w).all() for w in weights.values())  # gathered, not shards
