@@ -32,7 +32,7 @@ SHAPES = {
                   num_key_value_heads=2, vocab_size=512, mrope_section=[2, 3, 3], rope_theta=1e6),
         vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
         layers_note="tiny",
-        grid=(4, 12, 12), text_tokens=32, group=8, answer=16, dtype=torch.float32,
+        grid=(2, 12, 12), text_tokens=16, group=8, answer=16, dtype=torch.float32,
     ),
 }
 SHAPE = SHAPES[DEVICE]
@@ -87,8 +87,10 @@ def group_forward(model, prompt, answers, shared_prefix):
     return packing.completion_hidden(model, [prompt], [answers], shared_prefix=shared_prefix)
 
 
-def loss(hidden, targets, cu, model):
-    return token_logprobs(hidden, model.lm_head.weight, targets).sum()
+def backward(model, hidden, targets, cu_seqlens):
+    """The LM head on the answer tokens (as the trainer runs it), then backward."""
+    token_logprobs(hidden, model.lm_head.weight, targets).sum().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def saved_activation_bytes(model, prompt, answers, shared_prefix) -> int:
@@ -105,8 +107,7 @@ def saved_activation_bytes(model, prompt, answers, shared_prefix) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = group_forward(model, prompt, answers, shared_prefix)
-    loss(*out, model).backward()
-    model.zero_grad(set_to_none=True)
+    backward(model, *out)
     return sum(saved.values())
 
 
@@ -143,7 +144,7 @@ def write_results(model, prompt, results):
             "group": SHAPE["group"], "answer_tokens": SHAPE["answer"],
         },
         "packed": packed, "padded": padded,
-        "speedup": padded["time_s"] / packed["time_s"],
+        "speedup": padded["time_s"] / packed["time_s"],  # from the fastest rounds: robust to a busy host
         "activation_memory_ratio": padded["saved_activation_bytes"] / packed["saved_activation_bytes"],
     }
     if DEVICE == "cuda":
@@ -158,11 +159,10 @@ def test_bench_group_forward_backward(benchmark, setup, path):
     shared_prefix = path == "packed"
 
     def step():
-        loss(*group_forward(model, prompt, answers, shared_prefix), model).backward()
-        model.zero_grad(set_to_none=True)
+        backward(model, *group_forward(model, prompt, answers, shared_prefix))
         sync()
 
-    rounds = 3 if DEVICE == "cuda" else 2
+    rounds = 3 if DEVICE == "cuda" else 5
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
 
     result = {"tokens": tokens(prompt, answers, shared_prefix),
@@ -173,6 +173,7 @@ def test_bench_group_forward_backward(benchmark, setup, path):
         step()
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - base
     if benchmark.stats is not None:  # None under --benchmark-disable
-        result["time_s"] = benchmark.stats.stats.median
+        result["time_s"] = benchmark.stats.stats.min
+        result["time_s_median"] = benchmark.stats.stats.median
         results[path] = result
     benchmark.extra_info.update(result)

@@ -26,6 +26,17 @@ def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None
     """
     logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True,
                                    backend=backend)
+    return grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs, ref_logprobs, entropy=entropy,
+                                   beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                                   loss_type=loss_type, max_completion_length=max_completion_length,
+                                   normalizer=normalizer)
+
+
+def grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs=None, ref_logprobs=None, *, entropy=None,
+                            beta=0.04, epsilon_low=0.2, epsilon_high=0.2, delta=None, loss_type="grpo",
+                            max_completion_length=None, normalizer=None):
+    """`grpo_loss` from per-token log-probs logp [N] already computed (stats get "entropy" only when
+    the per-token entropy is given)."""
     _validate(logp.shape[0], cu_seqlens, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high,
               delta, loss_type, max_completion_length, normalizer)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -56,7 +67,9 @@ def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None
         loss = per_token.sum() / (n_tokens if normalizer is None else normalizer)
 
     is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    stats = {"kl": kl.mean().detach(), "clip_ratio": is_clipped.float().mean(), "entropy": entropy.mean()}
+    stats = {"kl": kl.mean().detach(), "clip_ratio": is_clipped.float().mean()}
+    if entropy is not None:
+        stats["entropy"] = entropy.detach().mean()
     return loss, stats
 
 

@@ -244,6 +244,7 @@ def _validate(hidden, weight, targets, temperature, backend):
     if backend == "triton" and not hidden.is_cuda and not interpreter_active():
         raise ValueError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                          "imported to run on CPU")
+    # A host sync, but an out-of-range target would otherwise give a silently wrong log-prob.
     if ((targets < 0) | (targets >= weight.shape[0])).any():
         raise ValueError(f"targets must lie in [0, {weight.shape[0]})")
 

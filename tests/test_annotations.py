@@ -202,6 +202,9 @@ def test_jsonl_skips_malformed_lines(tmp_path):
         {**good, "solution": {"span": [2]}},
         {"task": "tracking", "video": "x", "object": "o", "solution": {"boxes": [[0, 0, 1, 1]] * 7}},
         {"task": "gqa", "video": "x", "question": "q", "options": ["(A)"], "solution": {"answer": "(A)"}},
+        {**good, "start": 5, "end": 2},
+        {**good, "video": ["f0.jpg", "f1.jpg"], "start": 1},
+        {**good, "start": "soon"},
     ]
     samples, skipped = load_annotations(None, write_jsonl(tmp_path / "bad.jsonl", rows), tmp_path)
     assert len(samples) == 1 and skipped == len(rows) - 1

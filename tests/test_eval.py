@@ -160,8 +160,7 @@ def checkpoint(tmp_path) -> Path:
     return Path(given) if given else tiny_checkpoint(tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("task", ["tracking", "gqa"])
-def test_checkpoint_end_to_end(synthetic, checkpoint, tmp_path, task):
+def test_checkpoint_end_to_end(synthetic, checkpoint, tmp_path, task="tracking"):
     preds = tmp_path / "preds.jsonl"
     result, _ = run_eval("--task", task, "--model", checkpoint, *data_args(synthetic, task), "--predictions", preds,
                          "--batch_size", "2", *GENERATE)

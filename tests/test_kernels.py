@@ -19,8 +19,9 @@ from vcr1_kernels import grpo_loss, token_logprobs  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = torch.cuda.is_available() or logprobs_module.interpreter_active()
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_HERE, reason="triton was imported before TRITON_INTERPRET=1; test_triton_in_fresh_process runs it"))
+requires_triton = pytest.mark.skipif(
+    not TRITON_HERE, reason="triton was imported before TRITON_INTERPRET=1; test_triton_in_fresh_process runs it")
+TRITON = pytest.param("triton", marks=requires_triton)
 BACKENDS = [TRITON, "torch"]
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -160,6 +161,7 @@ def test_frozen_weight_gets_no_gradient(backend, monkeypatch):
     assert calls == ([(True, False)] if backend == "triton" else [])
 
 
+@requires_triton
 def test_frozen_hidden_and_no_grad_triton():
     batch = make_batch([20], 32, 100)
     (_, weight), (_, weight64) = leaves(batch)
@@ -234,6 +236,7 @@ def test_grpo_loss_matches_float64(backend, loss_type, case):
         assert stats["clip_ratio"] == 0
 
 
+@requires_triton
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss_bf16_triton(loss_type):
     batch = make_batch([9, 4, 12], 48, 257, torch.bfloat16, seed=5)
@@ -279,6 +282,7 @@ def test_extreme_log_ratios_are_clamped(backend):
 
 # ---------------------------------------------------------------------------- Liger-Kernel parity
 
+@requires_triton
 @pytest.mark.parametrize("case", ["on_policy", "clipped", "clipped_delta"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_matches_liger_triton(loss_type, case):
@@ -303,8 +307,8 @@ def test_matches_liger_triton(loss_type, case):
     slots = mask.flatten().nonzero().squeeze(-1).to(DEVICE)
 
     def padded(x):
-        return x.new_zeros(batch_size * width, *x.shape[1:]).index_copy(0, slots, x).view(batch_size, width,
-                                                                                        *x.shape[1:])
+        flat = x.new_zeros(batch_size * width, *x.shape[1:]).index_copy(0, slots, x)
+        return flat.view(batch_size, width, *x.shape[1:])
 
     (hidden_l, weight_l), _ = leaves(batch)
     module = liger.LigerFusedLinearGRPOLoss(compiled=False, use_ref_model=ref is not None, **options)

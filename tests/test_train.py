@@ -37,7 +37,9 @@ def _metrics(out):
 
 
 def _run(argv):
-    return train.Trainer(parse_config(argv)).run()
+    trainer = train.Trainer(parse_config(argv))
+    trainer.run()
+    return trainer
 
 
 def test_outputs_and_exact_resume(tmp_path, synthetic):
@@ -148,3 +150,18 @@ def test_two_processes_with_deepspeed_and_resume(tmp_path, synthetic, zero):
     assert (out / "checkpoints/step-000003/rank1.pt").is_file()
     weights = load_file(out / "checkpoints/step-000003/model.safetensors")
     assert all(w.numel() > 0 and torch.isfinite(w).all() for w in weights.values())  # gathered, not shards
+
+
+def test_reference_paths_and_options_run(tmp_path, synthetic):
+    """μ = 2 with π_old, two accumulated micro-batches, dapo with a global normaliser, batch-scaled rewards,
+    β = 0 (no π_ref is built), HF generate rollouts and the repeated-prompt padded forward."""
+    out = tmp_path / "o"
+    trainer = _run(_args(out, synthetic, "--stage", "grpo", "--max_steps", "2", "--grpo.num_iterations", "2",
+                         "--grad_accum", "2", "--grpo.loss_type", "dapo", "--grpo.scale_rewards", "batch",
+                         "--grpo.beta", "0", "--engine.fast_rollout", "false", "--engine.shared_prefix", "false"))
+    assert trainer.ref is None
+    rows = _metrics(out)
+    assert [r["stage"] for r in rows] == ["grpo", "grpo"]
+    assert all(math.isfinite(r["loss"]) and 0 <= r["clip_ratio"] <= 1 for r in rows)
+    # 2 iterations × 2 micro-batches per step: the optimizer stepped twice per GRPO step
+    assert trainer.engine.global_steps == 4

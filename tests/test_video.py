@@ -107,17 +107,6 @@ def test_smart_resize_matches_transformers():
                 assert ours == theirs, (h, w, n)
 
 
-def test_nframes_match_transformers_video_processor():
-    vp = pytest.importorskip("transformers.models.qwen2_vl.video_processing_qwen2_vl",
-                             reason="transformers' video processor needs torchvision")
-    from transformers.video_utils import VideoMetadata
-    proc = vp.Qwen2VLVideoProcessor()
-    for total, fps in [(300, 30), (391, 29.97), (45, 10), (30, 30), (5, 25), (100_000, 25)]:
-        meta = VideoMetadata(total_num_frames=total, fps=fps)
-        theirs = proc.sample_frames(meta, fps=2.0, min_frames=4, max_frames=768)
-        assert V.smart_nframes(total, fps) == len(theirs)
-
-
 def test_select_tracking_frames():
     assert V.select_tracking_frames(100) == [0, 16, 33, 49, 66, 82, 99]
     assert V.select_tracking_frames(7) == [0, 1, 2, 3, 4, 5, 6]
@@ -289,11 +278,13 @@ def test_real_videos_decode_like_ffmpeg(shared_data, name):
         assert diff.mean() < 0.5 and diff.max() <= 8, (name, index)
 
 
-COLOR_CASES = {  # pixel format, encoder, range
-    "8bit_limited": ("yuv420p", "libx264", "limited"),
-    "8bit_full": ("yuvj420p", "libx264", "full"),
-    "10bit_limited": ("yuv420p10le", "libx264", "limited"),
-    "10bit_full": ("yuv420p10le", "libx265", "full"),
+COLOR_CASES = {  # pixel format, encoder, range, container
+    "h264_8bit_limited": ("yuv420p", "libx264", "limited", "mp4"),
+    "h264_8bit_full": ("yuvj420p", "libx264", "full", "mp4"),
+    "h264_10bit_limited": ("yuv420p10le", "libx264", "limited", "mp4"),
+    "hevc_8bit_full": ("yuv420p", "libx265", "full", "mp4"),
+    "hevc_10bit_full": ("yuv420p10le", "libx265", "full", "mp4"),
+    "vp9_8bit_full": ("yuv420p", "libvpx-vp9", "full", "webm"),
 }
 
 
@@ -301,11 +292,12 @@ COLOR_CASES = {  # pixel format, encoder, range
 @pytest.mark.parametrize("case", COLOR_CASES)
 def test_color_range_and_bit_depth(tmp_path, case):
     """A flat (200, 50, 20) encoded BT.709 in each range and depth decodes back to that colour.
-    64 px wide, the width at which torchcodec's swscale path ignored full range (10-bit full: 208, 38, 4)."""
-    fmt, codec, rng = COLOR_CASES[case]
+    64 px wide: at widths that are multiples of 32, torchcodec's fast path ignores a full range that
+    the pixel format does not state (10-bit full-range HEVC gave 208, 38, 4)."""
+    fmt, codec, rng, container = COLOR_CASES[case]
     if codec not in encoders():
         pytest.skip(f"ffmpeg lacks {codec}")
-    path = tmp_path / f"{case}.mp4"
+    path = tmp_path / f"{case}.{container}"
     ffmpeg("-f", "lavfi", "-i", "color=c=0xC83214:s=64x48:r=10:d=1",
            "-vf", f"scale=out_color_matrix=bt709:out_range={rng},format={fmt}", "-c:v", codec,
            "-x265-params", "log-level=error", "-color_range", "pc" if rng == "full" else "tv",
@@ -313,6 +305,12 @@ def test_color_range_and_bit_depth(tmp_path, case):
     clip = load_video(path)
     mean = clip.frames.float().mean(dim=(0, 2, 3)).tolist()
     assert mean == pytest.approx([200, 50, 20], abs=6), mean
+
+
+@requires_ffmpeg
+def test_common_h264_keeps_the_fast_color_path(ramp):
+    from torchcodec.decoders import VideoDecoder
+    assert V._color_safe_transforms(VideoDecoder(str(ramp)).metadata) == []
 
 
 def jpeg_dir(root: Path, n: int, name=lambda i: f"{i + 1:08d}.jpg") -> Path:
@@ -387,6 +385,8 @@ def test_bad_frames_raise_video_error(tmp_path):
     for source in ([tmp_path / "bad.jpg"], [tmp_path / "missing.jpg"], [tmp_path / "thin.png"], []):
         with pytest.raises(VideoError):
             load_video(source)
+    with pytest.raises(VideoError, match="start/end"):
+        load_video([tmp_path / "thin.png"], start=1.0)
     assert issubclass(VideoError, ValueError)
 
 

@@ -35,40 +35,19 @@ PAPER_MAX_NEW_TOKENS = 2048
 
 # ---------------------------------------------------------------------------------------- generation
 
-def stop_ids(tokenizer, model) -> list[int]:
-    """End of the chat turn, <|endoftext|> and whatever the checkpoint's generation config adds."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(extra if isinstance(extra, list) else [extra])
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
-
-def encode(sample, tokenizer, model_config, data_cfg: DataConfig, device) -> dict:
-    """Prompt inputs of one sample, decoded with the configured video settings (raises VideoError)."""
-    from vcr1.data.processor import prompt_inputs
-    from vcr1.data.video import load_video
-    from vcr1.prompts import build_messages
-
-    v = data_cfg.video
-    decode_on = device if v.decode_device == "auto" else v.decode_device
-    clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
-                      min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
-                      device=decode_on, start=sample.start, end=sample.end)
-    messages = build_messages(sample.task, sample.fields, data_cfg.think)
-    return prompt_inputs(tokenizer, model_config, messages, clip)
-
-
 def predict(model, tokenizer, samples, *, data_cfg: DataConfig, device, batch_size: int, max_new_tokens: int):
     """Per batch of samples: (prediction records, tasks of the samples whose video would not decode)."""
     from vcr1 import rollout
+    from vcr1.data.dataset import encode_sample
     from vcr1.data.video import VideoError
+    from vcr1.model import stop_ids
 
     stops = stop_ids(tokenizer, model)
     for i in range(0, len(samples), batch_size):
         ready, prompts, skipped = [], [], []
         for sample in samples[i:i + batch_size]:
             try:
-                prompts.append(encode(sample, tokenizer, model.config, data_cfg, device))
+                prompts.append(encode_sample(sample, tokenizer, model.config, data_cfg, device))
                 ready.append(sample)
             except VideoError as e:
                 log.warning("skipping %s: %s", sample.uid, e)

@@ -79,6 +79,14 @@ def mrope_positions(input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None
     return torch.cat(rows, dim=1).to(input_ids.device) if rows else torch.zeros(3, 0, dtype=torch.long)
 
 
+def stop_ids(tokenizer, model) -> list[int]:
+    """End of the chat turn, <|endoftext|> and whatever the checkpoint's generation config adds."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(extra if isinstance(extra, list) else [extra])
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
 def accepts_mm_token_type_ids(model) -> bool:
     """transformers >= 5 needs mm_token_type_ids to place video tokens during generate; older ones reject it."""
     return "mm_token_type_ids" in inspect.signature(model.forward).parameters

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,7 @@ class PackedSegments:
     kv_index: torch.Tensor
     max_q: int
     max_k: int
-    backend: str
+    backend: str  # "auto" or one of BACKENDS
 
 
 def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
@@ -124,7 +124,8 @@ def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def pick_backend(backend: str, device, dtype: torch.dtype) -> str:
+@cache
+def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend "auto" resolves to (the first available of BACKENDS), or the requested one, checked."""
     if backend == "auto":
         return next(b for b in BACKENDS if unavailable_reason(b, device, dtype) is None)
@@ -175,22 +176,25 @@ def _torch_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
 _VARLEN = {"flash": _flash_varlen, "torch": _torch_varlen, "sdpa": _sdpa_varlen}
 
 
-def _attention(module, query, key, value, attention_mask, *, fallback, scaling=None, **kwargs):
+def _attention(module, query, key, value, attention_mask, *args, fallback, **kwargs):
     """Packed attention when handed PackedSegments; otherwise the implementation it wraps, unchanged."""
     if not isinstance(attention_mask, PackedSegments):
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return fallback(module, query, key, value, attention_mask, *args, **kwargs)
     seg = attention_mask
     q = query[0].transpose(0, 1)  # [1, heads, T, head_dim] -> [T, heads, head_dim]
     k, v = (t[0].transpose(0, 1).index_select(0, seg.kv_index) for t in (key, value))
-    return _VARLEN[seg.backend](q, k, v, seg, scaling).unsqueeze(0), None
+    # Resolved here, from q itself, so autocast's bf16 still reaches the flash kernels. No attention
+    # dropout: Qwen2.5-VL trains with attention_dropout = 0.
+    backend = pick_backend(seg.backend, q.device, q.dtype)
+    return _VARLEN[backend](q, k, v, seg, module.scaling).unsqueeze(0), None
 
 
 def _install(model) -> None:
     """Wrap the language model's attention implementation with _attention (idempotent).
 
     The wrapper replaces the entry in transformers' global ALL_ATTENTION_FUNCTIONS rather than
-    registering a new name: the config keeps its name (flash-attn's HF path selects its kernel by
-    it), other calls pass through untouched, and a gradient-checkpointing replay in backward
+    registering a new name: the config keeps its name (transformers' flash-attn paths select their
+    kernel by it), ordinary calls pass through untouched, and a gradient-checkpointing replay in backward
     dispatches through the wrapper again with the same PackedSegments.
     """
     config = model.model.language_model.config
@@ -219,14 +223,16 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
         span = torch.arange(offset, offset + n, device=device)
         ids.append(prompt["ids"])
         positions.append(torch.cat([torch.arange(n, device=device)[None], prompt["positions"]]))
-        queries.append(span), keys.append(span)
+        queries.append(span)
+        keys.append(span)
         offset += n
         for c in completions:
             own = torch.arange(offset, offset + len(c), device=device)
             ids.append(c)
             text = torch.arange(n, n + len(c), device=device)[None]
             positions.append(torch.cat([text, _answer_positions(prompt["positions"], len(c))]))
-            queries.append(own), keys.append(torch.cat([span, own]))
+            queries.append(own)
+            keys.append(torch.cat([span, own]))
             # The prompt's last token predicts every answer's first token.
             rows.append(torch.cat([span[-1:], own[:-1]]))
             offset += len(c)
@@ -250,7 +256,6 @@ def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch
                    backend: str) -> torch.Tensor:
     """Fast path: one packed row, the vision tower once per video, answers sharing their prompt."""
     _install(model)
-    backend = pick_backend(backend, model.device, model.dtype)
     ids, positions, segments, rows = _pack(prompts, completions_list, backend)
     embeds = model.model.get_input_embeddings()(ids)
     pixels, grid, _ = _cat_video(prompts, [1] * len(prompts))

@@ -128,6 +128,9 @@ def _prefill(model, prompt: dict):
                       **_video(prompt, device))
     # transformers 5.24 renamed the output's past_key_values to cache
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    if cache is None:
+        raise RuntimeError("the prefill returned no KV cache: rollouts need the model in eval mode when it "
+                           "uses gradient checkpointing")
     kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
     return kv, model.lm_head(out.last_hidden_state[0, -1]).float(), int(pos.max()) + 1
 
@@ -181,18 +184,21 @@ class PrefilledBatch:
         self.d, self.kv_heads = attn.head_dim, text.num_key_value_heads
         self.scale = self.d ** -0.5
         weight = model.lm_head.weight
-        layers, p, n = len(self.lm.layers), len(prompts), len(prompts) * num_samples
+        layers, n = len(self.lm.layers), len(prompts) * num_samples
 
-        prefilled = [_prefill(model, prompt) for prompt in prompts]
-        lengths = torch.tensor([kv[0][0].shape[1] for kv, _, _ in prefilled], device=weight.device)
-        self.kp = weight.new_zeros(layers, p, self.kv_heads, int(lengths.max()), self.d)
+        lengths = torch.tensor([prompt["input_ids"].shape[1] for prompt in prompts], device=weight.device)
+        self.kp = weight.new_zeros(layers, len(prompts), self.kv_heads, int(lengths.max()), self.d)
         self.vp = torch.zeros_like(self.kp)
-        for i, (kv, _, _) in enumerate(prefilled):
+        logits, next_pos = [], []
+        for i, prompt in enumerate(prompts):
+            kv, last, pos = _prefill(model, prompt)
             for layer, (k, v) in enumerate(kv):
                 self.kp[layer, i, :, :k.shape[1]] = k
                 self.vp[layer, i, :, :v.shape[1]] = v
-        self.first_logits = torch.stack([logits for _, logits, _ in prefilled])
-        self.next_pos = torch.tensor([pos for _, _, pos in prefilled], device=weight.device).repeat_interleave(num_samples)
+            logits.append(last)
+            next_pos.append(pos)
+        self.first_logits = torch.stack(logits)
+        self.next_pos = torch.tensor(next_pos, device=weight.device).repeat_interleave(num_samples)
         keep = torch.arange(self.kp.shape[3], device=weight.device) < lengths[:, None]
         self.prompt_bias = torch.zeros(keep.shape, device=weight.device).masked_fill(~keep, float("-inf"))
         self.prompt_bias = self.prompt_bias.repeat_interleave(num_samples, 0)[:, None, None]
@@ -244,7 +250,8 @@ class PrefilledBatch:
         freqs = (self.next_pos + step).float()[:, None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]
         cos, sin = (emb.cos() * self.rope_scale).to(x.dtype), (emb.sin() * self.rope_scale).to(x.dtype)
-        gen_bias = torch.zeros(w, device=x.device).masked_fill(torch.arange(w, device=x.device) > step, float("-inf"))
+        later = torch.arange(w, device=x.device) > step
+        gen_bias = torch.zeros(w, device=x.device).masked_fill(later, float("-inf"))
         bias = torch.cat([self.prompt_bias, gen_bias.expand(*self.prompt_bias.shape[:3], w)], dim=-1)
         for i, layer in enumerate(self.lm.layers):
             x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, step, w, bias)
@@ -272,11 +279,18 @@ def _completions(tokens, logprobs, lengths, stopped, g: int) -> list[list[Comple
 
 
 class StaticCacheEngine:
-    """Prefill once per prompt, decode all P·G rows together; CUDA graphs for the decode step on GPU."""
+    """Prefill once per prompt, decode all P·G rows together; CUDA graphs for the decode step on GPU.
+
+    Graphs are captured per call (its caches are new), so weights gathered for the call are fine. They
+    default off under ZeRO-3, whose per-module hooks still run on every call and must not be captured.
+    """
 
     def __init__(self, model, cuda_graphs: bool | None = None):
         self.model = model
-        self.cuda_graphs = model.lm_head.weight.is_cuda if cuda_graphs is None else cuda_graphs
+        if cuda_graphs is None:
+            zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+            cuda_graphs = model.lm_head.weight.is_cuda and not zero3
+        self.cuda_graphs = cuda_graphs
 
     @torch.no_grad()
     def generate(self, prompts: list[dict], sampling: Sampling) -> list[list[Completion]]:

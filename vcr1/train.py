@@ -28,9 +28,9 @@ import torch
 
 from vcr1 import checkpoint, engine as eng
 from vcr1.config import ConfigError, parse_config, to_dict
-from vcr1.data.dataset import PromptStream, load_split, reference_answer, synthetic_datasets
+from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_answer, synthetic_datasets
 from vcr1.loss import group_advantages, sft_loss
-from vcr1.model import install_lm_head, load_model, load_tokenizer
+from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases
 from vcr1.packing import completion_hidden
 from vcr1.rewards import score, total_reward
@@ -89,7 +89,7 @@ class Trainer:
             if cfg.model.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.eos_ids = self._eos_ids(model)
+        self.eos_ids = stop_ids(self.tokenizer, model)
         self.counters = Counters()
 
         with self.phase("setup/data"):
@@ -144,13 +144,6 @@ class Trainer:
                     p_ref.copy_(p)
         self._ref_synced = True
 
-    def _eos_ids(self, model) -> list[int]:
-        ids = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-        gen = getattr(model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-        ids |= set(extra if isinstance(extra, list) else [extra])
-        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
-
     def _build_data(self, model_config):
         cfg = self.cfg
         datasets, eval_datasets = cfg.data.datasets, cfg.data.eval_datasets
@@ -166,10 +159,8 @@ class Trainer:
         self.counters.skipped_annotations = bad
         if not self.train_samples:
             raise ConfigError("no usable training examples in the configured datasets")
-        decode = cfg.data.video.decode_device
-        device = str(self.device) if decode == "auto" else decode
         stream = dict(tokenizer=self.tokenizer, model_config=model_config, data_cfg=cfg.data, rank=self.rank,
-                      world=self.world, device=device)
+                      world=self.world, device=self.device)
         self.stream = PromptStream(self.train_samples, seed=cfg.seed, **stream)
         self.sft_stream = PromptStream(self.train_samples, seed=cfg.seed + 1, **stream)
 
@@ -394,7 +385,7 @@ class Trainer:
         if not self.eval_samples:
             return
         with self.phase("eval"), eng.gathered(self.model, self.cfg.engine.zero_stage):
-            result = evaluate(self.model, self.tokenizer, self.eval_samples[:self.cfg.eval_limit], cfg=self.cfg,
+            result = evaluate(self.model, self.tokenizer, balanced_subset(self.eval_samples, self.cfg.eval_limit), cfg=self.cfg,
                               rank=self.rank, world=self.world, device=self.device)
         row = {"step": self.step, "stage": "eval"}
         for task, metrics in result.items():

@@ -128,6 +128,11 @@ def validate(sample: Sample) -> Sample:
                 _check_span(span, "glue span")
     if sample.duration is not None and not (_is_num(sample.duration) and sample.duration > 0):
         raise ValueError(f"duration must be a positive number, got {sample.duration!r}")
+    if sample.start is not None or sample.end is not None:
+        if is_frames:
+            raise ValueError("start/end apply to video files, not to frame lists")
+        if sample.start is not None and sample.end is not None and sample.start >= sample.end:
+            raise ValueError(f"start {sample.start} is not before end {sample.end}")
     return sample
 
 

@@ -64,6 +64,33 @@ def reference_answer(sample: Sample, think: bool) -> str:
     return (f"<think>{thought}</think>" if think else "") + answer
 
 
+def encode_sample(sample: Sample, tokenizer, model_config, data_cfg, device) -> dict:
+    """Prompt inputs of one sample, its video decoded with the configured settings (raises VideoError).
+
+    `data.video.decode_device` "auto" decodes where the model runs (NVDEC on a GPU machine)."""
+    v = data_cfg.video
+    clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
+                      min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
+                      device=str(device) if v.decode_device == "auto" else v.decode_device,
+                      start=sample.start, end=sample.end)
+    messages = build_messages(sample.task, sample.fields, data_cfg.think)
+    return prompt_inputs(tokenizer, model_config, messages, clip)
+
+
+def balanced_subset(samples: list[Sample], limit: int) -> list[Sample]:
+    """At most `limit` samples, taken round-robin over tasks so every task is represented."""
+    by_task: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_task.setdefault(s.task, []).append(s)
+    out, i = [], 0
+    while len(out) < min(limit, len(samples)):
+        for group in by_task.values():
+            if i < len(group) and len(out) < limit:
+                out.append(group[i])
+        i += 1
+    return out
+
+
 class PromptStream:
     """This process's share of the data, in a seeded order per epoch, resumable from `state()`.
 
@@ -98,12 +125,7 @@ class PromptStream:
         return sample
 
     def encode(self, sample: Sample) -> Example:
-        v = self.data_cfg.video
-        clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
-                          min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
-                          device=self.device, start=getattr(sample, "start", None), end=getattr(sample, "end", None))
-        messages = build_messages(sample.task, sample.fields, self.data_cfg.think)
-        return Example(sample, prompt_inputs(self.tokenizer, self.model_config, messages, clip))
+        return Example(sample, encode_sample(sample, self.tokenizer, self.model_config, self.data_cfg, self.device))
 
     def next_batch(self, n: int) -> list[Example]:
         batch, misses = [], 0

@@ -49,6 +49,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MIN_DIR_FRAMES = 7  # select_tracking_frames picks 7 distinct frames from 7 on
 DECODE_CHUNK = 32  # frames decoded and resized at a time: bounds memory for long 1080p clips
 FFMPEG_THREADS = min(4, os.cpu_count() or 1)  # per decoder; 0 ("auto") oversubscribes many ranks
+RANGE_IN_FORMAT = {"h264", "hevc", "mjpeg"}  # decoders that report 8-bit full range as a yuvj format
+EIGHT_BIT_YUV = {"yuv420p", "yuv422p", "yuv444p", "yuvj420p", "yuvj422p", "yuvj444p"}
 
 decode_stats: collections.Counter = collections.Counter()  # "cuda_fallback": clips NVDEC did not decode
 
@@ -161,11 +163,13 @@ def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
-def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 frames -> float32 CLIP-normalised, with rescale folded into mean/std as transformers does."""
-    mean = torch.tensor(OPENAI_CLIP_MEAN, device=frames.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(OPENAI_CLIP_STD, device=frames.device).view(1, 3, 1, 1) * 255.0
-    return (frames.float() - mean) / std
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 CLIP-normalised along dim 1 (channels), rescale folded into mean/std as
+    transformers does."""
+    shape = (1, 3) + (1,) * (x.dim() - 2)
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=x.device).view(shape) * 255.0
+    std = torch.tensor(OPENAI_CLIP_STD, device=x.device).view(shape) * 255.0
+    return x.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
 def patchify(frames: torch.Tensor) -> torch.Tensor:
@@ -189,10 +193,9 @@ def grid_thw(frames: torch.Tensor) -> tuple[int, int, int]:
     return -(-t // TEMPORAL_PATCH_SIZE), h // PATCH_SIZE, w // PATCH_SIZE
 
 
-def num_video_tokens(grid: torch.Tensor | Sequence) -> int | list[int]:
+def num_video_tokens(grid_thw: torch.Tensor | Sequence) -> int | list[int]:
     """LLM tokens of a video, t*h*w / 4: an int for one (t, h, w), a list for an [n, 3] grid."""
-    g = torch.as_tensor(grid, dtype=torch.int64)
-    tokens = g.prod(dim=-1) // (MERGE_SIZE * MERGE_SIZE)
+    tokens = torch.as_tensor(grid_thw, dtype=torch.int64).prod(dim=-1) // (MERGE_SIZE * MERGE_SIZE)
     return tokens.tolist()
 
 
@@ -201,7 +204,8 @@ def video_inputs(clips: Sequence[Clip]) -> dict[str, torch.Tensor]:
     if not clips:
         raise ValueError("video_inputs needs at least one clip")
     device = clips[0].frames.device
-    pixels = torch.cat([patchify(normalize(c.frames)) for c in clips])
+    # Patchify the uint8 frames, then normalise rows viewed as (3, 2*14*14): a quarter of the bytes moved.
+    pixels = torch.cat([normalize(patchify(c.frames).unflatten(1, (3, -1))).flatten(1) for c in clips])
     grids = torch.tensor([grid_thw(c.frames) for c in clips], dtype=torch.int64, device=device)
     seconds = torch.tensor([TEMPORAL_PATCH_SIZE / c.sample_fps for c in clips], dtype=torch.float32,
                            device=device)
@@ -218,14 +222,18 @@ def _report_fallback(path: Path, reason: str) -> None:
 
 
 def _color_safe_transforms(meta) -> list:
-    """A full-frame crop, which routes torchcodec's CPU colour conversion through its filtergraph.
+    """No transform where torchcodec's fast CPU colour conversion is right for the stream; else a
+    full-frame crop, which routes the conversion through its slower but correct filtergraph.
 
-    torchcodec's swscale path (taken when widths are multiples of 32) ignores a frame's colour
-    range, so full-range streams in non-"j" pixel formats (10-bit, for one) come out with wrong
-    colours; its filtergraph path honours it and measured no slower. Rotated streams are left alone.
+    The fast path (swscale, taken when widths are multiples of 32) ignores a frame's colour range,
+    so full range comes out right only when the pixel format itself says so ("yuvj"), as the
+    H.264, HEVC and MJPEG decoders report 8-bit full range. VP9, AV1 and 10-bit streams can be
+    full range in a plain format (10-bit full-range HEVC: (208, 38, 4) for (199, 49, 20)).
     """
-    if meta.rotation or not meta.height or not meta.width:
+    if meta.codec in RANGE_IN_FORMAT and meta.pixel_format in EIGHT_BIT_YUV:
         return []
+    if meta.rotation or not meta.height or not meta.width:
+        return []  # a crop sized from pre-rotation metadata could cut a rotated frame
     from torchcodec.transforms import CenterCrop
     return [CenterCrop((meta.height, meta.width))]
 
@@ -338,7 +346,10 @@ def _load_frames(paths: list[Path], indices: list[int], *, fps, min_pixels, tota
 
 
 def _frame_dir(path: Path) -> tuple[list[Path], list[int]]:
-    frames = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    try:
+        frames = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
+    except OSError as e:
+        raise VideoError(f"cannot list frames of {path}: {e}") from e
     if len(frames) < MIN_DIR_FRAMES:
         raise VideoError(f"{path} holds {len(frames)} frames, fewer than {MIN_DIR_FRAMES}")
     indices = select_tracking_frames(len(frames))
@@ -363,7 +374,7 @@ def load_video(source: str | os.PathLike | Sequence[str | os.PathLike], *, fps: 
         return _load_video_file(Path(source), fps=fps, min_frames=min_frames, max_frames=max_frames,
                                 device=device, start=start, end=end, **budget)
     if start is not None or end is not None:
-        raise ValueError("start/end apply to video files, not to image frames")
+        raise VideoError(f"start/end apply to video files, not to image frames ({source})")
     if isinstance(source, (str, os.PathLike)):
         paths, indices = _frame_dir(Path(source))
     else:
