@@ -2,10 +2,13 @@
 W&B, sample completions, progress lines and the reward-curve plot."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
+
+import torch
 
 
 class Monitor:
@@ -88,39 +91,48 @@ def plot_rewards(metrics_path: Path, png: Path):
     plt.close(fig)
 
 
+_nvtx = None  # the nvtx module once profiling is switched on; None keeps every range free
+
+
+def enable_nvtx(vision_tower=None):
+    """Emit NVTX ranges from here on (for `nsys profile`), also around each vision-tower forward."""
+    global _nvtx
+    import nvtx
+
+    _nvtx = nvtx
+    if vision_tower is not None:
+        vision_tower.register_forward_pre_hook(lambda *_: nvtx.push_range("vision_tower"))
+        vision_tower.register_forward_hook(lambda *_: nvtx.pop_range())
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str):
+    """An NVTX range when profiling is on; nothing at all otherwise."""
+    if _nvtx is None:
+        yield
+        return
+    _nvtx.push_range(name)
+    try:
+        yield
+    finally:
+        _nvtx.pop_range()
+
+
 class Phases:
-    """Wall time per phase of a step, and NVTX ranges around each phase when profiling (free when off)."""
+    """Wall time per phase of a step, each inside an NVTX range when profiling is on."""
 
-    def __init__(self, nvtx_enabled: bool = False):
+    def __init__(self):
         self.times: dict[str, float] = {}
-        self.nvtx = None
-        if nvtx_enabled:
-            import nvtx
 
-            self.nvtx = nvtx
-
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        return _Phase(self, name)
+        t0 = time.perf_counter()
+        with nvtx_range(name):
+            yield
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # GPU work is asynchronous: charge it to the phase that queued it
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
         times, self.times = self.times, {}
         return {f"time/{k}": round(v, 4) for k, v in times.items()}
-
-
-class _Phase:
-    def __init__(self, owner: Phases, name: str):
-        self.owner, self.name = owner, name
-
-    def __enter__(self):
-        if self.owner.nvtx:
-            self.owner.nvtx.push_range(self.name)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.owner.nvtx:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.owner.nvtx.pop_range()
-        self.owner.times[self.name] = self.owner.times.get(self.name, 0.0) + time.perf_counter() - self.t0

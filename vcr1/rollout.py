@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vcr1.model import accepts_mm_token_type_ids, mrope_positions
+from vcr1.monitor import nvtx_range
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 WINDOW = 128  # generated keys are read in windows of this many slots: one CUDA graph per window size
@@ -295,7 +296,8 @@ class StaticCacheEngine:
     @torch.no_grad()
     def generate(self, prompts: list[dict], sampling: Sampling) -> list[list[Completion]]:
         s, device = sampling, self.model.lm_head.weight.device
-        batch = PrefilledBatch(self.model, prompts, s.num_samples, s.max_new_tokens, self.cuda_graphs)
+        with nvtx_range("rollout/prefill"):
+            batch = PrefilledBatch(self.model, prompts, s.num_samples, s.max_new_tokens, self.cuda_graphs)
         eos = torch.tensor(eos_ids(self.model, s.eos_token_id), device=device)
         gen = None if s.greedy else _generator(device, s.seed)
         n = len(prompts) * s.num_samples
@@ -304,15 +306,16 @@ class StaticCacheEngine:
         lengths = torch.full((n,), s.max_new_tokens, device=device)
         stopped = torch.zeros(n, dtype=torch.bool, device=device)
         logits = batch.first_logits.repeat_interleave(s.num_samples, 0)
-        for t in range(s.max_new_tokens):
-            if t:
-                logits = batch.decode(tokens[:, t - 1], t - 1)
-            tokens[:, t], logprobs[:, t] = sample(logits, s, gen)
-            hit = torch.isin(tokens[:, t], eos) & ~stopped
-            lengths = torch.where(hit, t + 1, lengths)
-            stopped |= hit
-            if t % CHECK_EVERY == CHECK_EVERY - 1 and bool(stopped.all()):
-                break
+        with nvtx_range("rollout/decode"):
+            for t in range(s.max_new_tokens):
+                if t:
+                    logits = batch.decode(tokens[:, t - 1], t - 1)
+                tokens[:, t], logprobs[:, t] = sample(logits, s, gen)
+                hit = torch.isin(tokens[:, t], eos) & ~stopped
+                lengths = torch.where(hit, t + 1, lengths)
+                stopped |= hit
+                if t % CHECK_EVERY == CHECK_EVERY - 1 and bool(stopped.all()):
+                    break
         return _completions(tokens.cpu(), logprobs.cpu(), lengths.cpu(), stopped.cpu(), s.num_samples)
 
 

@@ -26,12 +26,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, engine as eng
+from vcr1 import checkpoint, engine as eng, rollout
 from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_answer, synthetic_datasets
 from vcr1.loss import group_advantages, sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
-from vcr1.monitor import Monitor, Phases
+from vcr1.monitor import Monitor, Phases, enable_nvtx
 from vcr1.packing import completion_hidden
 from vcr1.rewards import score, total_reward
 from vcr1_kernels import grpo_loss, token_logprobs
@@ -73,7 +73,7 @@ class Trainer:
         self.rank, self.world, self.device = eng.init_distributed()
         self.out = Path(cfg.output_dir)
         self.sft_steps = cfg.sft.steps if "sft" in cfg.stage else 0
-        self.phase = Phases(cfg.engine.nvtx)
+        self.phase = Phases()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
@@ -83,6 +83,8 @@ class Trainer:
             model = load_model(cfg.model.path, self.tokenizer, dtype=cfg.model.dtype, attn=cfg.model.attn,
                                seed=cfg.seed).to(self.device)
             install_lm_head(model)
+            if cfg.engine.nvtx:
+                enable_nvtx(model.model.visual)
             if cfg.model.freeze_vision:
                 model.model.visual.requires_grad_(False)
             ref = self._initial_ref(model)
@@ -192,10 +194,12 @@ class Trainer:
                     raise RuntimeError("non-finite hidden states before any finite step: the model or data is broken")
                 hidden = self._hidden(self.model, last_good.inputs, last_good.completions)[0]
             loss = self.model.lm_head(hidden, fn=_zero_loss)
-        self.engine.backward(loss)
-        if self.engine.is_gradient_accumulation_boundary():
-            self._grad_norm = self._global_grad_norm()
-        self.engine.step()
+        with self.phase("policy/backward"):
+            self.engine.backward(loss)
+        with self.phase("optimizer"):
+            if self.engine.is_gradient_accumulation_boundary():
+                self._grad_norm = self._global_grad_norm()
+            self.engine.step()
         return bad.item() == 0
 
     def _global_grad_norm(self) -> float | None:
@@ -219,15 +223,12 @@ class Trainer:
                 hidden, ids, cu = self._hidden(self.model, [ex.inputs for ex in examples], targets)
                 logp = self.model.lm_head(hidden, fn=token_logprobs, targets=ids, backend=cfg.engine.loss_backend)
                 loss = sft_loss(logp, cu.to(logp.device))
-            with self.phase("policy/backward+step"):
-                self._backward(loss, hidden, Micro(examples, targets, torch.zeros(0)))
+            self._backward(loss, hidden, Micro(examples, targets, torch.zeros(0)))
             losses.append(loss.item())
         return {"loss": float(np.mean(losses)), "tokens": int(cu[-1])}
 
     # ---- GRPO --------------------------------------------------------------------------------------
     def _rollout(self, examples: list):
-        from vcr1 import rollout
-
         g = self.cfg.grpo
         fn = rollout.generate if self.cfg.engine.fast_rollout else rollout.hf_generate
         self.model.eval()
@@ -284,7 +285,7 @@ class Trainer:
         # dapo normalises by the token count of the whole step, across micro-batches and processes.
         normalizer = eng.all_reduce(torch.tensor([float(sum(lengths))])).item() if g.loss_type == "dapo" else None
 
-        with self.phase("old+ref_logprobs"):
+        with self.phase("ref+old_logprobs"):
             for m in micros:
                 if not m.examples:
                     continue
@@ -300,13 +301,12 @@ class Trainer:
             for m in micros:
                 with self.phase("policy/forward"):
                     loss, hidden, st = self._policy_loss(m, last_good, normalizer)
-                with self.phase("policy/backward+step"):
-                    if self._backward(loss, hidden, last_good) and m.examples:
-                        last_good = m
-                        losses.append(loss.item())
-                        kls.append(float(st["kl"]))
-                        clips.append(float(st["clip_ratio"]))
-                        entropies.append(float(st["entropy"]))
+                if self._backward(loss, hidden, last_good) and m.examples:
+                    last_good = m
+                    losses.append(loss.item())
+                    kls.append(float(st["kl"]))
+                    clips.append(float(st["clip_ratio"]))
+                    entropies.append(float(st["entropy"]))
 
         row = {"loss": _mean(losses), "kl": _mean(kls), "clip_ratio": _mean(clips), "entropy": _mean(entropies),
                "completion_length": _global_mean(lengths),

@@ -1,11 +1,16 @@
-"""Benchmark fixtures: the real data beside the checkout, and the GPU marker."""
+"""Fixtures shared by tests/ and bench/: the real data beside the checkout, the GPU marker, Triton on CPU."""
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which has to be switched on before
+# any test module imports triton (transformers and liger-kernel do at collection).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("VCR1_SHARED", REPO.parent / "shared"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
