@@ -72,11 +72,13 @@ def test_outputs_and_exact_resume(tmp_path, synthetic):
     assert (split / "checkpoints/step-000002").is_dir()
 
 
-def test_checkpoint_loads_with_from_pretrained(tmp_path, synthetic):
+def test_checkpoint_loads_and_evaluates(tmp_path, synthetic):
+    """The trainer's checkpoint loads with from_pretrained and runs through `python -m vcr1.eval`;
+    --eval_every logs held-out metrics beside the training ones."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     out = tmp_path / "o"
-    trainer = train.main(_args(out, synthetic, "--max_steps", "1"))
+    trainer = train.main(_args(out, synthetic, "--max_steps", "1", "--eval_every", "1", "--eval_limit", "3"))
     ckpt = out / "checkpoints/step-000003"
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt)
@@ -84,6 +86,17 @@ def test_checkpoint_loads_with_from_pretrained(tmp_path, synthetic):
     live = trainer.model.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, live[k]), k
+    evals = [r for r in _metrics(out) if r["stage"] == "eval"]
+    assert len(evals) == 1 and {"eval/tg/mIoU", "eval/tracking/AO", "eval/gqa/acc"} <= set(evals[0])
+
+    cmd = [sys.executable, "-m", "vcr1.eval", "--task", "tg", "--model", str(ckpt),
+           "--annotations", str(synthetic / "test/tg.json"), "--media_root", str(synthetic / "test/tg"),
+           "--predictions", str(tmp_path / "preds.jsonl"), "--no-think", "--max_new_tokens", "8",
+           "--max_frames", "8", "--json"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["n"] == 2 and {"mIoU", "R@0.3", "R@0.5", "R@0.7", "unparseable"} <= set(result)
 
 
 def _bad_dataset(tmp_path, synthetic):
@@ -165,3 +178,17 @@ def test_reference_paths_and_options_run(tmp_path, synthetic):
     assert all(math.isfinite(r["loss"]) and 0 <= r["clip_ratio"] <= 1 for r in rows)
     # 2 iterations × 2 micro-batches per step: the optimizer stepped twice per GRPO step
     assert trainer.engine.global_steps == 4
+
+
+def test_interleaved_order_gives_every_step_the_same_task_mix(synthetic):
+    from vcr1.data.dataset import PromptStream, load_split, synthetic_datasets
+
+    cfg = parse_config(["--data.synthetic_dir", str(synthetic)])
+    samples, _ = load_split(synthetic_datasets(synthetic, cfg.data, 0)["train"])
+    for interleave, mixed in ((True, True), (False, False)):
+        cfg.data.interleave_tasks = interleave
+        orders = [PromptStream(samples, None, None, cfg.data, rank=r, world=1, seed=s)._order
+                  for r, s in ((0, 0), (0, 1))]
+        assert sorted(orders[0]) == list(range(len(samples))) and orders[0] != orders[1]
+        triples = [{samples[i].task for i in orders[0][k:k + 3]} for k in range(0, len(samples), 3)]
+        assert all(len(t) == 3 for t in triples) == mixed

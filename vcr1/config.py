@@ -63,6 +63,8 @@ class DataConfig:
     datasets: list = opt([], "datasets: list of {task, annotations, media_root, fmt, limit}; empty = synthetic")
     eval_datasets: list = opt([], "held-out datasets for --eval_every (same schema); empty = synthetic test split")
     think: bool = opt(True, "prompts and format reward ask for a <think> block")
+    interleave_tasks: bool = opt(False, "order each epoch task by task in turn (the same task mix in every "
+                                        "step) instead of one shuffle of all examples")
     synthetic_train: int = opt(32, "synthetic examples per task, train split")
     synthetic_test: int = opt(12, "synthetic examples per task, held-out split")
     synthetic_dir: str | None = opt(None, "where the synthetic set is written (default <output_dir>/synthetic)")
@@ -144,6 +146,7 @@ TINY_PRESET = {
     "model.dtype": "fp32",
     "model.gradient_checkpointing": False,
     "data.think": False,
+    "data.interleave_tasks": True,
     "data.video.max_frames": 16,
     "data.video.total_pixels": 16 * 112 * 112,
     "data.video.max_pixels": 112 * 112,
@@ -151,17 +154,17 @@ TINY_PRESET = {
     "grpo.num_generations": 4,
     "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
     "grpo.beta": 0.01,
-    "sft.steps": 40,
+    "sft.steps": 120,
     "sft.lr": 2e-3,
     "sft.batch_size": 8,
     "optim.lr": 3e-4,
     "optim.scheduler": "constant",
     "engine.zero_stage": 0,
     "engine.offload": False,
-    "prompts_per_step": 4,
-    "max_steps": 40,
+    "prompts_per_step": 6,  # 2 prompts per task with interleave_tasks
+    "max_steps": 80,
     "epochs": 100,  # max_steps decides the length
-    "save_every": 20,
+    "save_every": 40,
     "samples_every": 10,
 }
 

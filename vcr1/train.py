@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable, keep vcr1/ off the path
@@ -59,7 +59,6 @@ class Counters:
     skipped_annotations: int = 0
     skipped_reward: int = 0
     skipped_nan: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _zero_loss(hidden, weight):

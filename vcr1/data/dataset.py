@@ -91,6 +91,23 @@ def balanced_subset(samples: list[Sample], limit: int) -> list[Sample]:
     return out
 
 
+def _interleave_by_task(order: list[int], tasks: list[str]) -> list[int]:
+    """`order` regrouped so tasks take turns (each task's examples keep their shuffled order)."""
+    queues: dict[str, list[int]] = {}
+    for i, task in zip(order, tasks):
+        queues.setdefault(task, []).append(i)
+    lanes = [iter(q) for q in queues.values()]
+    out = []
+    while lanes:
+        for lane in list(lanes):
+            nxt = next(lane, None)
+            if nxt is None:
+                lanes.remove(lane)
+            else:
+                out.append(nxt)
+    return out
+
+
 class PromptStream:
     """This process's share of the data, in a seeded order per epoch, resumable from `state()`.
 
@@ -108,8 +125,11 @@ class PromptStream:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
         order = list(range(len(self.samples)))
-        random.Random(self.seed * 1000 + self.epoch).shuffle(order)
+        rng.shuffle(order)
+        if self.data_cfg.interleave_tasks:
+            order = _interleave_by_task(order, [self.samples[i].task for i in order])
         usable = len(order) - len(order) % self.world  # equal shares: every rank steps the same number of times
         return order[self.rank:usable:self.world]
 
