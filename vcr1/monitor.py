@@ -78,11 +78,17 @@ def plot_rewards(metrics_path: Path, png: Path):
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="mean reward", lw=2)
-    for key in sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/total")}):
+    steps, rewards = [r["step"] for r in rows], [r["reward"] for r in rows]
+    ax.plot(steps, rewards, label="mean reward", lw=1, color="C0", alpha=0.5)
+    window = max(1, len(rows) // 10)
+    smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+              for i in range(len(rewards))]
+    ax.plot(steps, smooth, label=f"mean reward, {window}-step average", lw=2.5, color="C0")
+    totals = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/total")})
+    for i, key in enumerate(totals, start=1):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot(*zip(*pts), label=key.removeprefix("reward/").removesuffix("/total"), alpha=0.6)
-    ax.set_xlabel("GRPO step")
+        ax.plot(*zip(*pts), label=key.removeprefix("reward/").removesuffix("/total"), alpha=0.4, color=f"C{i}")
+    ax.set_xlabel("optimizer step (GRPO stage)")
     ax.set_ylabel("reward")
     ax.legend()
     ax.grid(alpha=0.3)
