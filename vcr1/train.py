@@ -227,7 +227,7 @@ class Trainer:
         return {"loss": float(np.mean(losses)), "tokens": int(cu[-1])}
 
     # ---- GRPO --------------------------------------------------------------------------------------
-    def _rollout(self, examples: list):
+    def _rollout(self, examples: list, micro: int):
         g = self.cfg.grpo
         fn = rollout.generate if self.cfg.engine.fast_rollout else rollout.hf_generate
         self.model.eval()
@@ -235,7 +235,7 @@ class Trainer:
             out = fn(self.model, [ex.inputs for ex in examples], num_samples=g.num_generations,
                      max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
                      top_p=g.top_p, eos_token_id=self.eos_ids,
-                     seed=hash((self.cfg.seed, self.rank, self.step, len(examples))) % 2**31)
+                     seed=hash((self.cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
         self.model.train()
         return [[c.token_ids.cpu() for c in group] for group in out]
 
@@ -266,18 +266,20 @@ class Trainer:
     def grpo_step(self):
         cfg, g, stats = self.cfg, self.cfg.grpo, {}
         micros = []
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             with self.phase("data"):
                 examples = self.stream.next_batch(cfg.prompts_per_step)
             with self.phase("rollout"):
-                completions = self._rollout(examples)
+                completions = self._rollout(examples, micro)
             with self.phase("rewards"):
                 micros.append(self._score(examples, completions, stats))
 
         # Advantages: per group, or against the std of the whole batch across processes.
         all_rewards = torch.cat([m.rewards for m in micros])
-        gathered = torch.cat([r for r in eng.all_gather_objects(all_rewards) if r.numel()])
-        batch_std = gathered.std() if gathered.numel() > 1 else torch.tensor(0.0)
+        batch_std = None
+        if g.scale_rewards == "batch":
+            gathered = torch.cat([r for r in eng.all_gather_objects(all_rewards) if r.numel()])
+            batch_std = gathered.std() if gathered.numel() > 1 else torch.tensor(0.0)
         for m in micros:
             m.advantages = group_advantages(m.rewards, g.num_generations, g.scale_rewards, batch_std)
         lengths = [len(c) for m in micros for group in m.completions for c in group]
