@@ -174,6 +174,27 @@ def test_vision_tower_runs_once_per_video(batch):
     assert calls == [sum(n * len(group) for n, group in zip(patches, completions))]
 
 
+def test_shared_video_is_encoded_once_and_matches_reference(batch):
+    """Two prompts built from one decoded clip (one pixel tensor, e.g. two Charades sentences of one
+    video): the tower runs on it once, and log-probs and gradients still match the padded reference."""
+    prompts, completions, advantages = batch
+    gen = torch.Generator().manual_seed(7)
+    twin = dict(prompts[0], input_ids=fake_prompt(gen, (2, 4, 4))["input_ids"])  # same pixel tensor
+    shared, groups = [prompts[0], twin, prompts[1]], [completions[0], completions[2], completions[1]]
+    adv = advantages[:sum(map(len, groups))]
+    model = tiny_model()
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        logp, grads, _ = logprobs_and_grads(model, shared, groups, adv)
+    finally:
+        hook.remove()
+    assert calls == [prompts[0]["pixel_values_videos"].shape[0] + prompts[1]["pixel_values_videos"].shape[0]]
+    ref_logp, ref_grads, _ = logprobs_and_grads(model, shared, groups, adv, shared_prefix=False)
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    assert_grads_close(grads, ref_grads)
+
+
 def test_packed_forward_builds_no_dense_mask(batch, monkeypatch):
     from transformers.masking_utils import AttentionMaskInterface
 

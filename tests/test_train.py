@@ -15,6 +15,7 @@ from conftest import REPO
 from vcr1 import train
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
+from vcr1.data.video import load_video
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
          "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1"]
@@ -192,3 +193,29 @@ def test_interleaved_order_gives_every_step_the_same_task_mix(synthetic):
         assert sorted(orders[0]) == list(range(len(samples))) and orders[0] != orders[1]
         triples = [{samples[i].task for i in orders[0][k:k + 3]} for k in range(0, len(samples), 3)]
         assert all(len(t) == 3 for t in triples) == mixed
+
+
+def test_a_video_shared_by_prompts_is_decoded_once_per_batch(tmp_path, synthetic, monkeypatch):
+    from vcr1.data import dataset
+    from vcr1.data.dataset import PromptStream, load_split
+
+    ann = json.loads((synthetic / "train/tg.json").read_text())
+    vid, entry = next(iter(ann.items()))
+    two = dict(entry, timestamps=entry["timestamps"] * 2, sentences=entry["sentences"] + ["another event."])
+    (tmp_path / "tg.json").write_text(json.dumps({vid: two}))
+    samples, _ = load_split([{"task": "tg", "annotations": str(tmp_path / "tg.json"),
+                              "media_root": str(synthetic / "train/tg")}])
+    decoded = []
+    monkeypatch.setattr(dataset, "load_video", lambda *a, **kw: decoded.append(a) or load_video(*a, **kw))
+    cfg = parse_config([])
+    stream = PromptStream(samples, train.load_tokenizer(None), _tiny_config(), cfg.data, rank=0, world=1, seed=0)
+    a, b = stream.next_batch(2)
+    assert len(decoded) == 1 and a.sample.uid != b.sample.uid
+    assert a.inputs["pixel_values_videos"] is b.inputs["pixel_values_videos"]
+    assert not torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])  # different sentences
+
+
+def _tiny_config():
+    from vcr1 import tiny
+
+    return tiny.tiny_config(tiny.build_tokenizer())

@@ -39,6 +39,8 @@ def _prompt(model, inputs: dict) -> dict:
     pixels = inputs.get("pixel_values_videos")
     return {
         "ids": ids, "positions": positions,
+        # Prompts built from one decoded clip share its tensor: their video is encoded once per forward.
+        "video_key": None if pixels is None else id(pixels),
         "pixels": None if pixels is None else pixels.to(device),
         "grid": None if grid is None else grid.reshape(-1, 3).to(device),
         "seconds": None if seconds is None else torch.as_tensor(seconds).reshape(-1).to(device),
@@ -252,16 +254,32 @@ def _video_embeds(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tens
     return torch.cat(getattr(features, "pooler_output", features))
 
 
+def _distinct_video_embeds(model, prompts: list[dict]) -> torch.Tensor | None:
+    """Video embeddings of every prompt in order, the vision tower run once per distinct video: prompts
+    holding the same pixel tensor reuse one output (its gradient then accumulates from all of them)."""
+    first: dict[int, int] = {}
+    for i, p in enumerate(prompts):
+        if p["video_key"] is not None:
+            first.setdefault(p["video_key"], i)
+    if not first:
+        return None
+    distinct = [prompts[i] for i in first.values()]
+    pixels, grid, _ = _cat_video(distinct, [1] * len(distinct))
+    tokens = (grid.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
+    per_video = dict(zip(first, _video_embeds(model, pixels, grid).split(tokens)))
+    return torch.cat([per_video[p["video_key"]] for p in prompts if p["video_key"] is not None])
+
+
 def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch.Tensor]],
                    backend: str) -> torch.Tensor:
-    """Fast path: one packed row, the vision tower once per video, answers sharing their prompt."""
+    """Fast path: one packed row, the vision tower once per distinct video, answers sharing their prompt."""
     _install(model)
     ids, positions, segments, rows = _pack(prompts, completions_list, backend)
     embeds = model.model.get_input_embeddings()(ids)
-    pixels, grid, _ = _cat_video(prompts, [1] * len(prompts))
-    if pixels is not None:
+    video = _distinct_video_embeds(model, prompts)
+    if video is not None:
         is_video = (ids == model.config.video_token_id)[:, None]
-        embeds = embeds.masked_scatter(is_video, _video_embeds(model, pixels, grid).to(embeds.dtype))
+        embeds = embeds.masked_scatter(is_video, video.to(embeds.dtype))
     # A mask dict is taken as already built, so no dense [T, T] mask is made; every layer type gets
     # the segments.
     masks = {kind: segments for kind in ("full_attention", "sliding_attention")}

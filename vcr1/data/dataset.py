@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vcr1.data.annotations import Sample, load_annotations
 from vcr1.data.processor import prompt_inputs
-from vcr1.data.video import VideoError, load_video
+from vcr1.data.video import VideoError, load_video, video_inputs
 from vcr1.prompts import build_messages
 
 log = logging.getLogger("vcr1.data")
@@ -64,17 +64,25 @@ def reference_answer(sample: Sample, think: bool) -> str:
     return (f"<think>{thought}</think>" if think else "") + answer
 
 
-def encode_sample(sample: Sample, tokenizer, model_config, data_cfg, device) -> dict:
+def encode_sample(sample: Sample, tokenizer, model_config, data_cfg, device, videos: dict | None = None) -> dict:
     """Prompt inputs of one sample, its video decoded with the configured settings (raises VideoError).
 
-    `data.video.decode_device` "auto" decodes where the model runs (NVDEC on a GPU machine)."""
-    v = data_cfg.video
-    clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
-                      min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
-                      device=str(device) if v.decode_device == "auto" else v.decode_device,
-                      start=sample.start, end=sample.end)
+    `data.video.decode_device` "auto" decodes where the model runs (NVDEC on a GPU machine). `videos`
+    maps a video (source, window) to its decoded inputs, so samples sharing a video (several sentences
+    of one Charades clip) decode it once and share its tensors."""
+    key = (str(sample.video), sample.start, sample.end)
+    video = None if videos is None else videos.get(key)
+    if video is None:
+        v = data_cfg.video
+        clip = load_video(sample.video, fps=v.fps, min_frames=v.min_frames, max_frames=v.max_frames,
+                          min_pixels=v.min_pixels, max_pixels=v.max_pixels, total_pixels=v.total_pixels,
+                          device=str(device) if v.decode_device == "auto" else v.decode_device,
+                          start=sample.start, end=sample.end)
+        video = video_inputs([clip])
+        if videos is not None:
+            videos[key] = video
     messages = build_messages(sample.task, sample.fields, data_cfg.think)
-    return prompt_inputs(tokenizer, model_config, messages, clip)
+    return prompt_inputs(tokenizer, model_config, messages, video)
 
 
 def balanced_subset(samples: list[Sample], limit: int) -> list[Sample]:
@@ -144,15 +152,14 @@ class PromptStream:
         self.cursor += 1
         return sample
 
-    def encode(self, sample: Sample) -> Example:
-        return Example(sample, encode_sample(sample, self.tokenizer, self.model_config, self.data_cfg, self.device))
-
     def next_batch(self, n: int) -> list[Example]:
-        batch, misses = [], 0
+        """The next n decodable prompts; a video several of them use is decoded once."""
+        batch, misses, videos = [], 0, {}
         while len(batch) < n:
             sample = self._next_sample()
             try:
-                batch.append(self.encode(sample))
+                inputs = encode_sample(sample, self.tokenizer, self.model_config, self.data_cfg, self.device, videos)
+                batch.append(Example(sample, inputs))
             except VideoError as e:
                 self.skipped_media += 1
                 misses += 1

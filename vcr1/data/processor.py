@@ -28,13 +28,16 @@ def encode_prompt(tokenizer, messages: list[dict], video_tokens: list[int]) -> l
     return ids
 
 
-def prompt_inputs(tokenizer, model_config, messages: list[dict], clip: Clip) -> dict:
+def prompt_inputs(tokenizer, model_config, messages: list[dict], video: Clip | dict) -> dict:
     """Model inputs of one prompt with one video, batch dimension 1, as the HF processor lays them out.
 
-    Also holds `position_ids` (3, 1, L) from `mrope_positions`, and `mm_token_type_ids` (0 text,
-    2 video) that transformers >= 5 needs to place video tokens during `generate`.
+    `video` is a Clip, or its `video_inputs([clip])` already made: prompts given the same dict share its
+    tensors, and the packed forward then encodes that video once. Also holds `position_ids` (3, 1, L)
+    from `mrope_positions`, and `mm_token_type_ids` (0 text, 2 video) that transformers >= 5 needs to
+    place video tokens during `generate`.
     """
-    video = video_inputs([clip])
+    if isinstance(video, Clip):
+        video = video_inputs([video])
     grid = video["video_grid_thw"]
     ids = torch.tensor([encode_prompt(tokenizer, messages, [num_video_tokens(g) for g in grid])])
     second = torch.as_tensor(video["second_per_grid_ts"], dtype=torch.float32).reshape(-1)
