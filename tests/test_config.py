@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from vcr1.config import LEAVES, TINY_PRESET, ConfigError, from_dict, parse_config, to_dict
+import yaml
+
+from vcr1.config import LEAVES, TINY_PRESET, ConfigError, parse_config, to_dict
 
 
 @pytest.fixture
@@ -80,9 +82,15 @@ def test_bad_options_are_clear_errors(argv, message):
     assert message in str(e.value)
 
 
-def test_resolved_config_round_trips(model_dir):
-    cfg = parse_config(["--model", model_dir, "--grpo.delta", "1.5", "--grpo.reward_weights", "{iou: 2.0}"])
-    assert from_dict(to_dict(cfg)) == cfg
+def test_saved_config_reruns_the_same_run(tmp_path, model_dir):
+    """The resolved config.yaml a run writes, given back with --config, rebuilds the identical config."""
+    ann = tmp_path / "a.json"
+    ann.write_text("{}")
+    cfg = parse_config(["--model", model_dir, "--grpo.delta", "1.5", "--grpo.reward_weights", "{iou: 2.0}",
+                        "--data", f"tg:{ann}:/v"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert parse_config(["--config", str(saved)]) == cfg
 
 
 def test_help_lists_every_option_with_its_default():

@@ -380,13 +380,3 @@ def _read_data_spec(spec: str) -> list:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def from_dict(tree: dict) -> TrainConfig:
-    """The inverse of to_dict (resume reads the saved config with it)."""
-    cfg = TrainConfig()
-    for k, v in _flatten(tree).items():
-        if k in ("data.datasets", "data.eval_datasets"):
-            v = [_dataset(e, k) for e in v]
-        _set(cfg, k, v)
-    return cfg
