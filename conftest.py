@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("VCR1_SHARED", REPO.parent / "shared"))
+# Where benchmarks write their JSON reports; CMake's benchmark smoke points it into the build folder.
+BENCH_RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,16 +7,15 @@ throughput yardstick. Each run writes bench/results/lm_head_<device>.json.
 """
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import triton
 
+from conftest import BENCH_RESULTS
 from vcr1_kernels import grpo_loss, grpo_loss_from_logprobs
 
 CUDA = torch.cuda.is_available()
-RESULTS = Path(__file__).parent / "results"
 SEQ_LEN = 512  # completion tokens per packed sequence
 ROUNDS = 5
 
@@ -181,8 +180,8 @@ def write_results():
     if not _records:
         return
     device = torch.cuda.get_device_name() if CUDA else "cpu"
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"lm_head_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
+    BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+    path = BENCH_RESULTS / f"lm_head_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
     path.write_text(json.dumps(dict(
         device=device, torch=torch.__version__, triton=triton.__version__,
         dtype="bfloat16" if CUDA else "float32", seq_len=SEQ_LEN, rounds=ROUNDS,

@@ -6,17 +6,16 @@ On CPU: the same layout at a tiny shape (fp32, under a minute). Both write bench
 """
 import json
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from conftest import BENCH_RESULTS
 from vcr1 import packing
 from vcr1_kernels import token_logprobs
 
-RESULTS = Path(__file__).parent / "results"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 SHAPES = {
@@ -149,8 +148,8 @@ def write_results(model, prompt, results):
     }
     if DEVICE == "cuda":
         report["peak_memory_ratio"] = padded["peak_memory_bytes"] / packed["peak_memory_bytes"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"packing_{DEVICE}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+    (BENCH_RESULTS / f"packing_{DEVICE}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 @pytest.mark.parametrize("path", ["packed", "padded"])

@@ -15,11 +15,9 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import REPO, requires_cuda
+from conftest import BENCH_RESULTS, requires_cuda
 from vcr1.model import mrope_positions
 from vcr1.rollout import PrefilledBatch, generate, hf_generate
-
-RESULTS = REPO / "bench" / "results"
 
 CPU_SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1024, vision_hidden=32,
                  prompts=4, samples=4, text_tokens=40, grid=(2, 8, 8), max_new_tokens=32, step=16)
@@ -156,8 +154,8 @@ def run(s: dict, device: torch.device, dtype, benchmark, repeats: int) -> dict:
     }
     benchmark.extra_info.update({k: result[k] for k in ("speedup", "rows")})
     benchmark.extra_info["ratio_to_bound"] = result["decode_step"]["ratio_to_bound"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"rollout_{device.type}.json"
+    BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+    path = BENCH_RESULTS / f"rollout_{device.type}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

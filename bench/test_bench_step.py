@@ -17,12 +17,12 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from conftest import BENCH_RESULTS
 from vcr1 import tiny
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.train import Trainer
 
-RESULTS = Path(__file__).parent / "results"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = {
     "fast": ["--engine.fast_rollout", "true", "--engine.shared_prefix", "true", "--engine.loss_backend", "auto"],
@@ -87,8 +87,8 @@ def write_results(out: dict):
         "shape": SHAPE, **out,
         "speedup_tokens_per_s": out["fast"]["tokens_per_s"] / out["reference"]["tokens_per_s"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"step_{DEVICE}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+    (BENCH_RESULTS / f"step_{DEVICE}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 @pytest.mark.parametrize("path", ["fast", "reference"])
@@ -117,6 +117,6 @@ def test_bench_grpo_step(benchmark, tmp_path_factory, results, path):
     }
     results[path] = result
     benchmark.extra_info.update(result)
-    del trainer
+    trainer = None  # frees the model (the closure holds it too) before the other path
     if DEVICE == "cuda":
         torch.cuda.empty_cache()

@@ -21,9 +21,9 @@ import torchcodec
 import transformers
 from torchcodec.decoders import VideoDecoder
 
+from conftest import BENCH_RESULTS
 from vcr1.data import video as V
 
-RESULTS = Path(__file__).parent / "results"
 HOST = "cuda" if torch.cuda.is_available() else "cpu"
 CLIPS = Path(tempfile.gettempdir()) / "vcr1_bench_clips"
 SIZES = {"360p": (640, 360), "720p": (1280, 720), "1080p": (1920, 1080)}
@@ -136,5 +136,5 @@ def write_results():
     result = {"device": HOST, "device_name": device, "versions": versions(), "ffmpeg_threads": V.FFMPEG_THREADS,
               "clip": f"testsrc2 H.264 yuv420p {FPS} fps, x264 veryfast, default GOP",
               "cases": ROWS, "speedups": speedups(), "cuda_fallbacks": V.decode_stats["cuda_fallback"]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"video_{HOST}.json").write_text(json.dumps(result, indent=2) + "\n")
+    BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
+    (BENCH_RESULTS / f"video_{HOST}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,10 +3,10 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import REPO
+import torch
 import yaml
 
+from conftest import REPO
 from vcr1.config import LEAVES, TINY_PRESET, ConfigError, parse_config, to_dict
 
 
@@ -80,6 +80,22 @@ def test_bad_options_are_clear_errors(argv, message):
     with pytest.raises(ConfigError, match=None) as e:
         parse_config(argv)
     assert message in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these values run on a CUDA machine")
+@pytest.mark.parametrize("argv,message", [
+    (["--model.dtype", "fp16"], "fp16 needs a CUDA GPU"),
+    (["--data.video.decode_device", "cuda"], "decode_device cuda needs a CUDA GPU"),
+    (["--model.attn", "flash_attention_2", "--model.dtype", "bf16"], "flash_attention_2 needs"),
+    (["--model.attn", "eager"], "'eager' is not one of sdpa, flash_attention_2"),
+])
+def test_values_this_machine_cannot_run_are_refused_at_start(argv, message, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError) as e:
+        parse_config(argv)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="loss_backend triton needs a CUDA GPU"):
+        parse_config(["--engine.loss_backend", "triton"])
 
 
 def test_saved_config_reruns_the_same_run(tmp_path, model_dir):

@@ -22,7 +22,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 requires_triton = pytest.mark.skipif(
     not TRITON_HERE, reason="triton was imported before TRITON_INTERPRET=1; test_triton_in_fresh_process runs it")
 TRITON = pytest.param("triton", marks=requires_triton)
-BACKENDS = [TRITON, "torch"]
+RUNNABLE_BACKENDS = [TRITON, "torch"]
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 MAX_LEN = 16  # max_completion_length for dr_grpo
@@ -123,7 +123,7 @@ def assert_close(actual, expected, tol):
     (1, 16, 65, 1.0),
     (150, 32, 1031, 0.6),  # several row tiles; the tail is 7 columns
 ])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_token_logprobs_match_float64(backend, n, dim, vocab, temperature, dtype):
     batch = make_batch([n], dim, vocab, dtype, temperature=temperature, seed=n)
     (hidden, weight), (hidden64, weight64) = leaves(batch)
@@ -145,7 +145,7 @@ def test_token_logprobs_match_float64(backend, n, dim, vocab, temperature, dtype
     assert_close(weight.grad, weight64.grad, tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_frozen_weight_gets_no_gradient(backend, monkeypatch):
     batch = make_batch([20], 32, 100)
     (hidden, _), (hidden64, _) = leaves(batch)
@@ -211,7 +211,7 @@ def run_grpo(batch, backend, loss_type, case, *, temperature=1.0, **kwargs):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_grpo_loss_matches_float64(backend, loss_type, case):
     batch = make_batch([5, 11, 1, 7], 40, 300, temperature=0.9, seed=3)
     ours, ref = run_grpo(batch, backend, loss_type, case, temperature=0.9)
@@ -245,7 +245,7 @@ def test_grpo_loss_bf16_triton(loss_type):
         assert_close(actual, expected, 1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_dapo_normalizer_splits_over_micro_batches(backend):
     """Micro-batches normalised by the global token count add up to the whole batch's dapo loss."""
     batch = make_batch([6, 3, 8, 5], 32, 200, seed=7)
@@ -269,7 +269,7 @@ def test_dapo_normalizer_splits_over_micro_batches(backend):
     assert_close(weight.grad, whole_grads[1], 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
 def test_extreme_log_ratios_are_clamped(backend):
     batch = make_batch([4, 4], 32, 100, seed=11)
     logp, _ = logprobs_f64(batch["hidden"], batch["weight"], batch["targets"])

@@ -1,12 +1,8 @@
-"""Model plumbing: vcr1's mRoPE positions, the LM-head wrapper, and module names that run as a script."""
-import importlib.util
-import sys
-
+"""Model plumbing: vcr1's mRoPE positions and the LM-head wrapper."""
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig
 
-from conftest import REPO
 from vcr1.model import LMHead, install_lm_head, mrope_positions
 
 V = 9  # the video pad id in these cases
@@ -25,6 +21,24 @@ def test_text_and_video_positions_by_hand():
     assert pos[0].tolist() == [0, 1, 2, 2, 2, 2, 4, 4, 4, 4, 5, 6]
     assert pos[1].tolist() == [0, 1, 2, 2, 3, 3, 2, 2, 3, 3, 5, 6]
     assert pos[2].tolist() == [0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 5, 6]
+
+
+def test_transformers_5_continues_elsewhere_after_a_video():
+    """The README's mRoPE decision: transformers 5.x `get_rope_index` does not follow the release rule.
+    Same case as above, worked by hand for its rule: the text after the video restarts at the block's
+    start (2) + max(H, W) (2) = 4, where the release rule (vcr1's) gives 5."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    start_id = 7  # a text token before the video, as <|vision_start|> is
+    ids = torch.tensor([[1, start_id] + [V] * 8 + [3, 4]])
+    model = Qwen2_5_VLModel.__new__(Qwen2_5_VLModel)  # get_rope_index reads only the config
+    torch.nn.Module.__init__(model)
+    model.config = _config()
+    model.config.vision_start_token_id = start_id
+    pos, _ = model.get_rope_index(ids, mm_token_type_ids=(ids == V).int() * 2, video_grid_thw=torch.tensor([[2, 4, 4]]),
+                                  second_per_grid_ts=torch.tensor([1.0]), attention_mask=torch.ones_like(ids))
+    assert pos[:, 0, -2:].tolist() == [[4, 5]] * 3
+    assert mrope_positions(ids[0], torch.tensor([[2, 4, 4]]), [1.0], _config())[:, -2:].tolist() == [[5, 6]] * 3
 
 
 def test_fractional_intervals_are_floored_after_scaling():
@@ -58,13 +72,3 @@ def test_lm_head_wrapper_shares_the_weight_and_computes_logits():
     assert torch.equal(toy.lm_head(h), h @ weight.T)
     assert toy.lm_head(h, fn=lambda x, w, scale: (x @ w.T) * scale, scale=2.0).equal(2 * (h @ weight.T))
     assert list(toy.state_dict()) == ["lm_head.weight"]  # checkpoints keep HF's key
-
-
-def test_no_module_in_vcr1_shadows_another():
-    """`torchrun vcr1/train.py` puts vcr1/ first on sys.path: its modules must not hide stdlib/installed ones."""
-    names = [p.stem for p in (REPO / "vcr1").glob("*.py") if p.stem != "__init__"]
-    names += [p.name for p in (REPO / "vcr1").iterdir() if (p / "__init__.py").exists()]
-    for name in names:
-        assert name not in sys.stdlib_module_names, name
-        spec = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
-        assert spec is None or str(REPO / "vcr1") in str(spec.origin), f"{name} shadows {spec.origin}"

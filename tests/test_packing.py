@@ -124,7 +124,7 @@ def test_reference_path_matches_hf_forward(batch):
     torch.testing.assert_close(logp, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", packing.BACKENDS)
+@pytest.mark.parametrize("backend", packing.ATTENTION_BACKENDS)
 def test_packed_matches_padded(batch, backend):
     """Every available backend, against the padded reference and the HF forward (fp32 on CPU; on a
     GPU the sdpa reference runs in fp32 and the flash kernels in bf16)."""
@@ -144,6 +144,12 @@ def test_packed_matches_padded(batch, backend):
     assert_grads_close(grads, ref_grads, grad_tol)
 
 
+def answer_logprobs(model, prompt, completions, **kwargs) -> list[torch.Tensor]:
+    """One prompt's answers' token log-probs, each its own tensor."""
+    hidden, targets, cu = packing.completion_hidden(model, [prompt], [completions], **kwargs)
+    return list(token_logprobs(hidden, model.lm_head.weight, targets).split(cu.diff().tolist()))
+
+
 def test_sibling_answers_do_not_see_each_other(batch):
     """Changing one answer leaves its siblings' log-probs untouched (and changes its own)."""
     prompts, completions, _ = batch
@@ -151,8 +157,8 @@ def test_sibling_answers_do_not_see_each_other(batch):
     edited = [list(group) for group in completions]
     edited[0][1] = (edited[0][1] + 1) % IMAGE
     with torch.no_grad():
-        before = packing.group_logprobs(model, prompts[0], completions[0])
-        after = packing.group_logprobs(model, prompts[0], edited[0])
+        before = answer_logprobs(model, prompts[0], completions[0])
+        after = answer_logprobs(model, prompts[0], edited[0])
     for i, (b, a) in enumerate(zip(before, after)):
         assert torch.equal(b, a) != (i == 1), f"answer {i}"
 
@@ -221,13 +227,17 @@ def test_gradient_checkpointing_replays_packed_attention(batch):
     assert_grads_close(ckpt_grads, grads, rtol=1e-5)
 
 
-def test_group_logprobs_interface(batch):
+def test_completion_hidden_interface(batch):
     prompts, completions, _ = batch
     model = tiny_model()
-    fast = packing.group_logprobs(model, prompts[1], completions[1])
-    slow = packing.group_logprobs(model, prompts[1], completions[1], shared_prefix=False)
+    hidden, targets, cu = packing.completion_hidden(model, prompts[1:], completions[1:])
+    lengths = [len(c) for group in completions[1:] for c in group]
+    assert hidden.shape == (sum(lengths), model.config.text_config.hidden_size) and hidden.requires_grad
+    assert torch.equal(targets, torch.cat([c for group in completions[1:] for c in group]))
+    assert cu.dtype == torch.int32 and cu.tolist() == [sum(lengths[:i]) for i in range(len(lengths) + 1)]
+    fast = answer_logprobs(model, prompts[1], completions[1])
+    slow = answer_logprobs(model, prompts[1], completions[1], shared_prefix=False)
     assert [t.shape for t in fast] == [c.shape for c in completions[1]]
-    assert all(t.dtype == torch.float32 and t.requires_grad for t in fast)
     for f, s in zip(fast, slow):
         torch.testing.assert_close(f, s, atol=1e-5, rtol=0)
 

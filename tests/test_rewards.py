@@ -3,8 +3,19 @@ import math
 
 import pytest
 
-from vcr1.rewards import (format_reward, glue_iou, gqa_accuracy, intervals_iou, merge_intervals,
-                          parse_glue, score, tg_iou, total_reward, tracking_iou, validate_solution)
+from vcr1.rewards import (
+    format_reward,
+    glue_iou,
+    gqa_accuracy,
+    intervals_iou,
+    merge_intervals,
+    parse_glue,
+    score,
+    tg_iou,
+    total_reward,
+    tracking_iou,
+    validate_solution,
+)
 
 BOX = [0.0, 0.0, 0.5, 0.5]
 GT_BOXES = [BOX] * 8

@@ -7,7 +7,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from conftest import requires_cuda
 from vcr1 import rollout
 from vcr1.model import mrope_positions
-from vcr1.rollout import StaticCacheEngine, Sampling, generate, hf_generate, process_logits
+from vcr1.rollout import Sampling, StaticCacheEngine, generate, hf_generate, process_logits
 
 VOCAB, VIDEO, V_START, V_END = 300, 295, 293, 294
 NEVER = 299  # an eos id the checks below keep out of the completions
@@ -83,7 +83,7 @@ def recompute_logprobs(model, prompt, completion, temperature=1.0, top_k=None, t
 
 def test_prompts_exercise_the_position_convention(prompts, model):
     merge = model.config.vision_config.spatial_merge_size
-    for (n_text, t, h, w, sec), p in list(zip(SHAPES, prompts))[:2]:
+    for (n_text, _, h, w, _), p in list(zip(SHAPES, prompts))[:2]:
         hf_next = 3 + 1 + max(h, w) // merge + 1 + (n_text - 3)  # text, start, video, end, text: HF 5's count
         assert int(p["position_ids"].max()) + 1 > hf_next
 

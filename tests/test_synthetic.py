@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vcr1.data.annotations import load_annotations
-from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, TASKS, generate, shape_mask
+from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, SYNTHETIC_TASKS, generate, shape_mask
 from vcr1.data.video import load_video
 
 N_TRAIN, N_TEST, SIZE = 4, 2, 112
@@ -46,7 +46,7 @@ def words(text, vocab):
 
 def test_loaders_read_every_file(paths):
     for split, n in zip(SPLITS, (N_TRAIN, N_TEST)):
-        for task in TASKS:
+        for task in SYNTHETIC_TASKS:
             got = samples(paths, split, task)
             assert len(got) == n and all(s.task == task for s in got)
             for s in got:
@@ -76,7 +76,7 @@ def test_deterministic(paths, tmp_path):
     same = generate(tmp_path / "same", seed=0, n_train=N_TRAIN, n_test=N_TEST)
     other = generate(tmp_path / "other", seed=1, n_train=N_TRAIN, n_test=N_TEST)
     for split in SPLITS:
-        for task in TASKS:
+        for task in SYNTHETIC_TASKS:
             ann = Path(paths[split][task]["annotations"]).read_text()
             assert Path(same[split][task]["annotations"]).read_text() == ann
             assert Path(other[split][task]["annotations"]).read_text() != ann

@@ -219,3 +219,32 @@ def _tiny_config():
     from vcr1 import tiny
 
     return tiny.tiny_config(tiny.build_tokenizer())
+
+
+def _help_choices(option: str) -> list[str]:
+    out = subprocess.run([sys.executable, str(REPO / "vcr1/train.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    text = " ".join(out.stdout.split())
+    listed = text.split(f"--{option} V ", 1)[1].split("{", 1)[1].split("}", 1)[0]
+    return [v.strip() for v in listed.split(",")]
+
+
+def test_every_listed_attention_trains_a_step_or_is_refused_at_start(tmp_path, synthetic):
+    """Each --model.attn value in --help either trains one step, or is refused before any work with a
+    one-line message and exit code 2 (not a traceback from inside the step)."""
+    values = _help_choices("model.attn")
+    assert "sdpa" in values
+    for value in values:
+        out = tmp_path / value
+        cmd = [sys.executable, str(REPO / "vcr1/train.py"), *_args(out, synthetic, "--model.attn", value,
+                                                                   "--sft.steps", "1", "--max_steps", "1")]
+        # A fresh shell's environment: earlier in-process runs set this process's torch.distributed variables.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        if run.returncode == 0:
+            assert [row["stage"] for row in _metrics(out)] == ["sft", "grpo"], value
+        else:
+            assert run.returncode == 2, (value, run.stderr[-2000:])
+            assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+            assert value in run.stderr and not out.exists()

@@ -13,8 +13,14 @@ from pathlib import Path
 
 import yaml
 
-TASKS = ("tg", "tracking", "gqa", "mcq")
-FORMATS = ("charades", "nextgqa", "got10k", "jsonl")
+from vcr1.data.annotations import FORMATS
+from vcr1.prompts import TASKS
+from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+# HF attention implementations vcr1 runs. Not "eager": the packed forward replaces attention through
+# transformers' attention registry, which eager bypasses; sdpa is the exact reference.
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
 
 
 class ConfigError(ValueError):
@@ -40,8 +46,8 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     path: str | None = opt(None, "local Qwen2.5-VL checkpoint dir; unset = the tiny embedded default")
-    dtype: str = opt("bf16", "parameter/compute dtype", ("bf16", "fp16", "fp32"))
-    attn: str = opt("sdpa", "attention implementation of the HF model", ("sdpa", "eager", "flash_attention_2"))
+    dtype: str = opt("bf16", "parameter/compute dtype", DTYPE_NAMES)
+    attn: str = opt("sdpa", "attention implementation of the HF model", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward")
     freeze_vision: bool = opt(False, "freeze the vision tower and merger (the paper trains all parameters)")
 
@@ -82,7 +88,7 @@ class GRPOConfig:
     epsilon_low: float = opt(0.2, "lower clip of the ratio")
     epsilon_high: float = opt(0.2, "upper clip of the ratio")
     delta: float | None = opt(None, "two-sided clipping bound of the ratio (unset = off)")
-    loss_type: str = opt("grpo", "loss aggregation", ("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = opt("grpo", "loss aggregation", LOSS_TYPES)
     scale_rewards: str = opt("group", "advantage std: per group, per batch or none", ("group", "batch", "none"))
     num_iterations: int = opt(1, "mu: policy updates per rollout batch")
     reward_weights: dict = opt({}, "weight per reward component, e.g. {iou: 2.0}; missing = 1")
@@ -112,7 +118,7 @@ class EngineConfig:
     offload: bool = opt(True, "ZeRO CPU offload of parameters (stage 3) and optimizer")
     fast_rollout: bool = opt(True, "vcr1's rollout engine; off = HF generate (the reference)")
     shared_prefix: bool = opt(True, "the video prompt once per group in packed forwards; off = repeated padded")
-    loss_backend: str = opt("auto", "LM-head kernels: triton, torch (reference) or auto", ("auto", "triton", "torch"))
+    loss_backend: str = opt("auto", "LM-head kernels: triton, torch (reference) or auto", LM_HEAD_BACKENDS)
     nvtx: bool = opt(False, "emit NVTX ranges per phase (for nsys)")
 
 
@@ -298,12 +304,45 @@ def _validate(cfg: TrainConfig):
     for name, value in g.reward_weights.items():
         if not isinstance(value, (int, float)):
             raise ConfigError(f"grpo.reward_weights.{name}: {value!r} is not a number")
+    if problem := unrunnable_here(cfg.model.attn, cfg.model.dtype, cfg.data.video.decode_device,
+                                  cfg.engine.loss_backend):
+        raise ConfigError(problem)
+    if cfg.model.dtype == "fp16" and not _cuda_available():
+        raise ConfigError("--model.dtype fp16 needs a CUDA GPU (DeepSpeed has no fp16 mode on CPU); use bf16 or fp32")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"--model {cfg.model.path}: no such directory")
     for key in ("datasets", "eval_datasets"):
         for ds in getattr(cfg.data, key):
             if not Path(ds["annotations"]).is_file():
                 raise ConfigError(f"data.{key}: annotation file {ds['annotations']} does not exist")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unrunnable_here(attn: str, dtype: str, decode_device: str = "auto", loss_backend: str = "auto") -> str | None:
+    """Why these option values cannot run on this machine (one line), or None: checked at start-up so a run
+    is refused before any work rather than failing at its first step."""
+    import importlib.util
+    import os
+
+    cuda = _cuda_available()
+    if attn == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "--model.attn flash_attention_2 needs the flash-attn package (pip install 'vcr1[flash]'); use sdpa"
+        if not cuda:
+            return "--model.attn flash_attention_2 needs a CUDA GPU; use sdpa"
+        if dtype == "fp32":
+            return "--model.attn flash_attention_2 needs --model.dtype bf16 or fp16"
+    if decode_device == "cuda" and not cuda:
+        return "--data.video.decode_device cuda needs a CUDA GPU; use auto or cpu"
+    if loss_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("--engine.loss_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU "
+                "interpreter); use auto or torch")
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with any of the options below (nested or dotted keys)")
     p.add_argument("--data", nargs="+", metavar="SPEC",
                    help="datasets: YAML files holding a list of datasets, or task:annotations:media_root")
-    for key, (f, tp) in LEAVES.items():
+    for key, (f, _) in LEAVES.items():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = f.metadata.get("choices")
         extra = f" {{{', '.join(map(str, choices))}}}" if choices else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -12,8 +13,12 @@ import torch.distributed as dist
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Plain `python vcr1/train.py` runs as a world of one."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29511")):
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        # A world of one on a free port, so several single-process runs on one machine never collide.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     import deepspeed
 

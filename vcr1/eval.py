@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 
 from vcr1 import metrics
-from vcr1.config import DataConfig, VideoConfig
+from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, DataConfig, VideoConfig, unrunnable_here
+from vcr1.data.annotations import FORMATS
+from vcr1.prompts import TASKS
 
 log = logging.getLogger("vcr1.eval")
 
@@ -42,7 +44,7 @@ def predict(model, tokenizer, samples, *, data_cfg: DataConfig, device, batch_si
     from vcr1.data.video import VideoError
     from vcr1.model import stop_ids
 
-    stops = stop_ids(tokenizer, model)
+    stops = stop_ids(model, tokenizer)
     for i in range(0, len(samples), batch_size):
         ready, prompts, skipped = [], [], []
         for sample in samples[i:i + batch_size]:
@@ -160,18 +162,18 @@ def merge_shards(path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vcr1.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, choices=metrics.TASKS)
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--predictions", required=True, type=Path,
                    help="JSONL of {uid, task, completion, solution}: appended to when generating, then scored")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
     gen = p.add_argument_group("generation (with --annotations)")
     gen.add_argument("--annotations", type=Path, help="annotation file to answer; without it, only score")
     gen.add_argument("--media_root", type=Path, help="folder the annotation's video paths are relative to")
-    gen.add_argument("--fmt", choices=("charades", "nextgqa", "got10k", "jsonl"), help="default: detected")
+    gen.add_argument("--fmt", choices=FORMATS, help="default: detected")
     gen.add_argument("--limit", type=int, help="answer at most this many items of the file")
     gen.add_argument("--model", help="Hugging Face checkpoint dir; omitted: the tiny random default (smoke tests)")
-    gen.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16, fp32 for the tiny default")
-    gen.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16, fp32 for the tiny default")
+    gen.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     gen.add_argument("--batch_size", type=int, default=8, help="prompts per generation call")
     gen.add_argument("--max_new_tokens", type=int, default=PAPER_MAX_NEW_TOKENS)
     gen.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
@@ -199,8 +201,7 @@ def generate_predictions(args, rank: int, world: int, device) -> dict:
     skipped = 0
     if share:
         tokenizer = load_tokenizer(args.model)
-        dtype = args.dtype or ("fp32" if args.model is None else "bf16")
-        model = load_model(args.model, tokenizer, dtype=dtype, attn=args.attn).to(device).eval()
+        model = load_model(args.model, tokenizer, dtype=args.dtype, attn=args.attn).to(device).eval()
         video = VideoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig)})
         data_cfg = DataConfig(think=args.think, video=video)
         with open_shard(args.predictions.with_name(f"{args.predictions.name}.rank{rank}")) as out:
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.annotations is not None:
         if args.media_root is None:
             parser.error("--annotations needs --media_root")
+        args.dtype = args.dtype or ("fp32" if args.model is None else "bf16")
+        if problem := unrunnable_here(args.attn, args.dtype, args.decode_device):
+            parser.error(problem)
         rank, world, device = _processes()
         extra = generate_predictions(args, rank, world, device)
         if rank != 0:

@@ -7,8 +7,8 @@ item only.) The parsers are those of vcr1.rewards; a malformed solution raises V
 import json
 
 from vcr1 import rewards
+from vcr1.prompts import TASKS
 
-TASKS = rewards.TASKS
 TG_THRESHOLDS = (0.3, 0.5, 0.7)
 TRACK_RECALL = (0.5, 0.7)       # % sequences whose mean IoU >= threshold (not in the released code)
 TRACK_SUCCESS = (0.5, 0.75)     # GOT-10k success rate: % frames whose IoU > threshold (strict)

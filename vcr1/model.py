@@ -10,8 +10,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
 
 from vcr1 import tiny
+from vcr1.config import DTYPE_NAMES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
 
 def load_tokenizer(model_dir: str | None) -> PreTrainedTokenizerBase:
@@ -20,7 +21,8 @@ def load_tokenizer(model_dir: str | None) -> PreTrainedTokenizerBase:
         return tiny.build_tokenizer()
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.chat_template is None:
-        raise ValueError(f"{model_dir}: the tokenizer has no chat template (copy chat_template.json from the base model)")
+        raise ValueError(f"{model_dir}: the tokenizer has no chat template "
+                         "(copy chat_template.json from the base model)")
     return tok
 
 
@@ -34,7 +36,8 @@ def load_model(model_dir: str | None, tokenizer, *, dtype: str = "fp32", attn: s
         model.config._attn_implementation = attn
         return model.to(DTYPES[dtype])
     if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir}: no config.json there (a local Qwen2.5-VL checkpoint is expected)")
+        raise FileNotFoundError(f"--model {model_dir}: no config.json there "
+                                "(a local Qwen2.5-VL checkpoint is expected)")
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=DTYPES[dtype], attn_implementation=attn)
 
 
@@ -79,12 +82,45 @@ def mrope_positions(input_ids: torch.Tensor, video_grid_thw: torch.Tensor | None
     return torch.cat(rows, dim=1).to(input_ids.device) if rows else torch.zeros(3, 0, dtype=torch.long)
 
 
-def stop_ids(tokenizer, model) -> list[int]:
-    """End of the chat turn, <|endoftext|> and whatever the checkpoint's generation config adds."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(extra if isinstance(extra, list) else [extra])
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+def prompt_positions(prompt: dict, config) -> torch.Tensor:
+    """A processed prompt's 3-D positions (3, L): its own `position_ids` when it has them, else
+    `mrope_positions` of its tokens and video grid."""
+    if prompt.get("position_ids") is not None:
+        return prompt["position_ids"].reshape(3, -1)
+    ids = prompt["input_ids"].reshape(-1)
+    return mrope_positions(ids, prompt.get("video_grid_thw"), prompt.get("second_per_grid_ts"), config)
+
+
+def answer_start(prompt_positions: torch.Tensor) -> int:
+    """The release rule for generated text: answer token k sits at the prompt's largest position + 1 + k,
+    all three rows equal (the README's mRoPE section)."""
+    return int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
+
+
+def answer_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions (3, length) of an answer of `length` tokens after a prompt at `prompt_positions`."""
+    start = answer_start(prompt_positions)
+    return torch.arange(start, start + length, device=prompt_positions.device).expand(3, -1)
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """0 for text, 2 for video tokens: what transformers >= 5 needs to place video tokens in `generate`."""
+    return (input_ids == config.video_token_id).int() * 2
+
+
+def stop_ids(model, tokenizer=None) -> list[int]:
+    """The token ids that end a completion: the end of the chat turn and <|endoftext|> (when the tokenizer
+    is given), and the eos ids of the checkpoint's generation config and text config."""
+    ids = set()
+    if tokenizer is not None:
+        ids |= {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    for source in (getattr(model, "generation_config", None), model.config.text_config):
+        extra = getattr(source, "eos_token_id", None)
+        ids |= set(extra if isinstance(extra, (list, tuple)) else [extra])
+    found = sorted(i for i in ids if isinstance(i, int) and i >= 0)
+    if not found:
+        raise ValueError("no stop token: the tokenizer and the model's configs name no eos_token_id")
+    return found
 
 
 def accepts_mm_token_type_ids(model) -> bool:

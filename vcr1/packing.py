@@ -20,11 +20,10 @@ from functools import cache, partial
 import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from vcr1_kernels import token_logprobs
 
-from vcr1.model import hidden_states, mrope_positions
+from vcr1.model import answer_positions, hidden_states, prompt_positions
 
-BACKENDS = ("flash", "torch", "sdpa")  # the order "auto" tries them in
+ATTENTION_BACKENDS = ("flash", "torch", "sdpa")  # the order "auto" tries them in
 
 
 def _prompt(model, inputs: dict) -> dict:
@@ -32,10 +31,7 @@ def _prompt(model, inputs: dict) -> dict:
     device = model.device
     ids = inputs["input_ids"].reshape(-1).to(device)
     grid, seconds = inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts")
-    if inputs.get("position_ids") is not None:
-        positions = inputs["position_ids"].reshape(3, -1).to(device)
-    else:
-        positions = mrope_positions(ids, grid, seconds, model.config)
+    positions = prompt_positions(inputs, model.config).to(device)
     pixels = inputs.get("pixel_values_videos")
     return {
         "ids": ids, "positions": positions,
@@ -45,12 +41,6 @@ def _prompt(model, inputs: dict) -> dict:
         "grid": None if grid is None else grid.reshape(-1, 3).to(device),
         "seconds": None if seconds is None else torch.as_tensor(seconds).reshape(-1).to(device),
     }
-
-
-def _answer_positions(prompt_positions: torch.Tensor, length: int) -> torch.Tensor:
-    """Completion tokens continue at the prompt's largest position + 1, all three rows equal."""
-    start = int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
-    return torch.arange(start, start + length, device=prompt_positions.device).expand(3, -1)
 
 
 def _cat_video(prompts: list[dict], repeats: list[int]) -> tuple:
@@ -68,7 +58,7 @@ def _padded_hidden(model, prompts: list[dict], completions_list: list[list[torch
     for prompt, completions in zip(prompts, completions_list):
         for c in completions:
             rows.append(torch.cat([prompt["ids"], c]))
-            positions.append(torch.cat([prompt["positions"], _answer_positions(prompt["positions"], len(c))], 1))
+            positions.append(torch.cat([prompt["positions"], answer_positions(prompt["positions"], len(c))], 1))
     width = max(len(r) for r in rows)
     pad_id = model.config.text_config.pad_token_id or 0
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=model.device)
@@ -106,13 +96,13 @@ class PackedSegments:
     kv_index: torch.Tensor
     max_q: int
     max_k: int
-    backend: str  # "auto" or one of BACKENDS
+    backend: str  # "auto" or one of ATTENTION_BACKENDS
 
 
 def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
     """Why a packed-attention backend cannot run on this device and dtype, or None when it can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {ATTENTION_BACKENDS} or 'auto'")
     if backend == "sdpa":
         return None
     if torch.device(device).type != "cuda":
@@ -128,9 +118,9 @@ def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
 
 @cache
 def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend "auto" resolves to (the first available of BACKENDS), or the requested one, checked."""
+    """The backend "auto" resolves to (the first available of ATTENTION_BACKENDS), or the requested one, checked."""
     if backend == "auto":
-        return next(b for b in BACKENDS if unavailable_reason(b, device, dtype) is None)
+        return next(b for b in ATTENTION_BACKENDS if unavailable_reason(b, device, dtype) is None)
     if reason := unavailable_reason(backend, device, dtype):
         raise RuntimeError(f"packed attention backend {backend!r} is unavailable: {reason}")
     return backend
@@ -232,7 +222,7 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
             own = torch.arange(offset, offset + len(c), device=device)
             ids.append(c)
             text = torch.arange(n, n + len(c), device=device)[None]
-            positions.append(torch.cat([text, _answer_positions(prompt["positions"], len(c))]))
+            positions.append(torch.cat([text, answer_positions(prompt["positions"], len(c))]))
             queries.append(own)
             keys.append(torch.cat([span, own]))
             # The prompt's last token predicts every answer's first token.
@@ -315,13 +305,3 @@ def completion_hidden(model, prompt_inputs_list: list[dict], completions_list: l
     else:
         hidden = _padded_hidden(model, prompts, completions_list)
     return hidden, targets, cu_seqlens
-
-
-def group_logprobs(model, prompt_inputs: dict, completions: list[torch.Tensor], *,
-                   shared_prefix: bool = True, backend: str = "auto") -> list[torch.Tensor]:
-    """Differentiable fp32 log-probs of each completion's tokens under one prompt."""
-    hidden, targets, cu_seqlens = completion_hidden(model, [prompt_inputs], [completions],
-                                                    shared_prefix=shared_prefix, backend=backend)
-    # Only .weight: the trainer may swap lm_head for a wrapper module that keeps it.
-    logp = token_logprobs(hidden, model.lm_head.weight, targets)
-    return list(logp.split(cu_seqlens.diff().tolist()))

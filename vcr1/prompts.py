@@ -28,7 +28,7 @@ _TRACK_ANSWER = ("Provide your answer within the <answer> </answer> tags as a li
                  "where each sublist contains the normalized coordinates [x0, y0, x1, y1]. For example: "
                  "<answer>[[0.1, 0.5, 0.3, 0.55], [0.72, 0.25, 0.84, 0.43], ...]</answer>.")
 
-TASKS = ("tg", "tracking", "gqa", "mcq")
+TASKS = ("tg", "tracking", "gqa", "mcq")  # the paper's tasks; every other module imports this
 
 
 def _then(paragraph: str) -> str:

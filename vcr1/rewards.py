@@ -8,7 +8,7 @@ import ast
 import math
 import re
 
-TASKS = ("tg", "tracking", "gqa", "mcq")
+from vcr1.prompts import TASKS
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GLUE = re.compile(r"<glue>(.*?)</glue>", re.DOTALL)

@@ -5,8 +5,8 @@ prompt of the batch together from two static KV caches: the prompts' own keys/va
 G samples and never copied, and the samples' generated tokens. On CUDA each decode step is a replayed
 CUDA graph. `hf_generate` is the reference: HF `generate(num_return_sequences=G)` per prompt.
 
-Both follow vcr1's 3-D positions (`vcr1.model.mrope_positions`): the prompt's own, then
-`positions.max() + 1 + k` for generated token k on all three rows.
+Both follow vcr1's 3-D positions (`vcr1.model.prompt_positions`, then `answer_start` + k for generated
+token k on all three rows: the release rule, see the README).
 
 Log-probs are those of the distribution each token was drawn from: log_softmax(logits / temperature)
 after the top-k and top-p filters (`process_logits`), as HF's output scores give them. The trainer's
@@ -15,9 +15,6 @@ decoding reports the raw policy's log_softmax(logits).
 
 Under DeepSpeed ZeRO-3 the weights are sharded: the caller gathers them around these calls
 (`deepspeed.zero.GatheredParameters(model.parameters())`). Either engine takes the model as it is.
-
-An engine is any object with `generate(prompts, sampling) -> list[list[Completion]]`: a vLLM engine
-can slot in beside `StaticCacheEngine` and `HFEngine`.
 """
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vcr1.model import accepts_mm_token_type_ids, mrope_positions
+from vcr1.model import accepts_mm_token_type_ids, answer_start, mm_token_type_ids, prompt_positions, stop_ids
 from vcr1.monitor import nvtx_range
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -89,13 +86,11 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def eos_ids(model, eos_token_id=None) -> list[int]:
-    """The stop ids: those given, else the model's generation config's, else its text config's."""
-    for ids in (eos_token_id, getattr(model.generation_config, "eos_token_id", None),
-                model.config.text_config.eos_token_id):
-        if ids is not None:
-            return [ids] if isinstance(ids, int) else list(ids)
-    raise ValueError("no eos_token_id given and the model's configs name none")
+def _stops(model, eos_token_id) -> list[int]:
+    """The stop ids: those given, else `vcr1.model.stop_ids` of the model."""
+    if eos_token_id is None:
+        return stop_ids(model)
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
 def _generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -109,14 +104,6 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator:
 
 # ----------------------------------------------------------------------------------------- prefill
 
-def prompt_positions(prompt: dict, config) -> torch.Tensor:
-    """The prompt's 3-D positions (3, 1, L): its own `position_ids`, else `mrope_positions`."""
-    if prompt.get("position_ids") is not None:
-        return prompt["position_ids"]
-    ids = prompt["input_ids"]
-    return mrope_positions(ids[0], prompt.get("video_grid_thw"), prompt.get("second_per_grid_ts"), config)[:, None]
-
-
 def _video(prompt: dict, device) -> dict:
     return {k: prompt[k].to(device) for k in VIDEO_KEYS if prompt.get(k) is not None}
 
@@ -124,7 +111,7 @@ def _video(prompt: dict, device) -> dict:
 def _prefill(model, prompt: dict):
     """One prompt through the whole model: per-layer keys/values [kv_heads, L, d], last logits, next position."""
     device = model.lm_head.weight.device
-    pos = prompt_positions(prompt, model.config).to(device)
+    pos = prompt_positions(prompt, model.config).to(device)[:, None]
     out = model.model(input_ids=prompt["input_ids"].to(device), position_ids=pos, use_cache=True,
                       **_video(prompt, device))
     # transformers 5.24 renamed the output's past_key_values to cache
@@ -133,7 +120,7 @@ def _prefill(model, prompt: dict):
         raise RuntimeError("the prefill returned no KV cache: rollouts need the model in eval mode when it "
                            "uses gradient checkpointing")
     kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-    return kv, model.lm_head(out.last_hidden_state[0, -1]).float(), int(pos.max()) + 1
+    return kv, model.lm_head(out.last_hidden_state[0, -1]).float(), answer_start(pos)
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -298,7 +285,7 @@ class StaticCacheEngine:
         s, device = sampling, self.model.lm_head.weight.device
         with nvtx_range("rollout/prefill"):
             batch = PrefilledBatch(self.model, prompts, s.num_samples, s.max_new_tokens, self.cuda_graphs)
-        eos = torch.tensor(eos_ids(self.model, s.eos_token_id), device=device)
+        eos = torch.tensor(_stops(self.model, s.eos_token_id), device=device)
         gen = None if s.greedy else _generator(device, s.seed)
         n = len(prompts) * s.num_samples
         tokens = torch.zeros(n, s.max_new_tokens, dtype=torch.long, device=device)
@@ -336,13 +323,13 @@ class HFEngine:
 
     def _one(self, prompt: dict, s: Sampling) -> list[Completion]:
         model, device = self.model, self.model.lm_head.weight.device
-        eos = eos_ids(model, s.eos_token_id)
+        eos = _stops(model, s.eos_token_id)
         ids = prompt["input_ids"].to(device)
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **_video(prompt, device),
                       # given positions make HF follow vcr1's convention and count on from the last one
-                      position_ids=prompt_positions(prompt, model.config).to(device))
+                      position_ids=prompt_positions(prompt, model.config).to(device)[:, None])
         if accepts_mm_token_type_ids(model):
-            inputs["mm_token_type_ids"] = (ids == model.config.video_token_id).int() * 2
+            inputs["mm_token_type_ids"] = mm_token_type_ids(ids, model.config)
         # Every knob explicit: unset ones would come from the checkpoint's generation_config.
         knobs = dict(do_sample=False) if s.greedy else dict(
             do_sample=True, temperature=s.temperature, top_k=s.top_k or 0, top_p=s.top_p)

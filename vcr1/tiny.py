@@ -51,8 +51,8 @@ TOKENIZER_VOCAB = 1024
 
 def _corpus(seed: int = 0) -> list[str]:
     """Prompts of every task and answers in every format, with varied numbers and words."""
-    from vcr1.prompts import build_prompt
     from vcr1.data.synthetic import COLORS, SHAPES
+    from vcr1.prompts import build_prompt
 
     rng = random.Random(seed)
     lines = []

@@ -10,25 +10,37 @@ clipped, KL-regularised loss on the packed completion tokens.
 """
 from __future__ import annotations
 
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script (`torchrun vcr1/train.py`): Python put vcr1/ first on sys.path, where its modules
+    # would hide installed ones. Drop it before any other import; an uninstalled checkout is reached from
+    # the END of the path, so no folder of the repository can shadow an installed package.
+    import importlib.util
+    import os
+
+    _here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
+    if importlib.util.find_spec("vcr1") is None:
+        sys.path += [os.path.dirname(_here), os.path.join(os.path.dirname(_here), "kernels")]
+
 import copy
 import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable, keep vcr1/ off the path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, engine as eng, rollout
+from vcr1 import checkpoint, rollout
+from vcr1 import engine as eng
 from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_answer, synthetic_datasets
+from vcr1.data.video import decode_stats
 from vcr1.loss import group_advantages, sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, enable_nvtx
@@ -90,7 +102,7 @@ class Trainer:
             if cfg.model.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.eos_ids = stop_ids(self.tokenizer, model)
+        self.eos_ids = stop_ids(model, self.tokenizer)
         self.counters = Counters()
 
         with self.phase("setup/data"):
@@ -355,9 +367,9 @@ class Trainer:
                 row, samples = self.grpo_step()
             self.step += 1
             dt = time.perf_counter() - t0
+            grad_norm = self._grad_norm if cfg.engine.zero_stage == 0 else self.engine.get_global_grad_norm()
             row = {"step": self.step, "stage": self.stage, **row, "lr": self.engine.get_lr()[0],
-                   "grad_norm": _float(self._grad_norm if self.cfg.engine.zero_stage == 0
-                                                     else self.engine.get_global_grad_norm()), "step_time": round(dt, 3),
+                   "grad_norm": _float(grad_norm), "step_time": round(dt, 3),
                    "tokens_per_s": round(row.pop("tokens") / dt, 1), **self._skips(), **self.phase.pop()}
             self.monitor.log(row)
             if samples and (self.step - sft_steps) % cfg.samples_every in (0, 1):
@@ -375,10 +387,11 @@ class Trainer:
 
     def _skips(self) -> dict:
         c = self.counters
-        media = int(eng.all_reduce(torch.tensor([float(self.stream.skipped_media + self.sft_stream.skipped_media)])).item())
-        return {"skipped/media": media, "skipped/annotations": c.skipped_annotations,
-                "skipped/reward": int(eng.all_reduce(torch.tensor([float(c.skipped_reward)])).item()),
-                "skipped/nan": c.skipped_nan}
+        local = [self.stream.skipped_media + self.sft_stream.skipped_media, c.skipped_reward,
+                 decode_stats["cuda_fallback"]]
+        media, reward, fallback = map(int, eng.all_reduce(torch.tensor(local, device=self.device)).tolist())
+        return {"skipped/media": media, "skipped/annotations": c.skipped_annotations, "skipped/reward": reward,
+                "skipped/nan": c.skipped_nan, "decode/cuda_fallback": fallback}
 
     def evaluate(self):
         from vcr1.eval import evaluate
@@ -386,8 +399,9 @@ class Trainer:
         if not self.eval_samples:
             return
         with self.phase("eval"), eng.gathered(self.model, self.cfg.engine.zero_stage):
-            result = evaluate(self.model, self.tokenizer, balanced_subset(self.eval_samples, self.cfg.eval_limit), cfg=self.cfg,
-                              rank=self.rank, world=self.world, device=self.device)
+            samples = balanced_subset(self.eval_samples, self.cfg.eval_limit)
+            result = evaluate(self.model, self.tokenizer, samples, cfg=self.cfg, rank=self.rank, world=self.world,
+                              device=self.device)
         row = {"step": self.step, "stage": "eval"}
         for task, metrics in result.items():
             row.update({f"eval/{task}/{k}": v for k, v in metrics.items()})
@@ -397,8 +411,8 @@ class Trainer:
 
     def save(self):
         with self.phase("checkpoint"):
-            state = {"step": self.step, "stage": self.stage, "skipped_annotations": self.counters.skipped_annotations,
-                     "skipped_nan": self.counters.skipped_nan, "skipped_reward": self.counters.skipped_reward}
+            state = {"step": self.step, "skipped_nan": self.counters.skipped_nan,
+                     "skipped_reward": self.counters.skipped_reward}
             rank_state = {"stream": self.stream.state(), "sft_stream": self.sft_stream.state()}
             path = checkpoint.save(self.out, self.step, engine=self.engine, tokenizer=self.tokenizer,
                                    zero_stage=self.cfg.engine.zero_stage, rank=self.rank, trainer_state=state,

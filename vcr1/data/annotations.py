@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 
+from vcr1.prompts import TASKS
+
 logger = logging.getLogger(__name__)
 
-TASKS = ("tg", "tracking", "gqa", "mcq")
 FORMATS = ("charades", "nextgqa", "got10k", "jsonl")
 FORMAT_TASKS = {"charades": ("tg",), "nextgqa": ("gqa", "mcq"), "got10k": ("tracking",), "jsonl": TASKS}
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")

@@ -24,7 +24,7 @@ class Example:
     inputs: dict
 
 
-def load_split(datasets: list[dict], *, limit_total: int | None = None) -> tuple[list[Sample], int]:
+def load_split(datasets: list[dict]) -> tuple[list[Sample], int]:
     """All samples of the listed datasets, and the count of malformed annotation entries skipped."""
     samples, skipped = [], 0
     for ds in datasets:
@@ -32,7 +32,7 @@ def load_split(datasets: list[dict], *, limit_total: int | None = None) -> tuple
                                     limit=ds.get("limit"))
         samples += got
         skipped += bad
-    return samples[:limit_total] if limit_total else samples, skipped
+    return samples, skipped
 
 
 def synthetic_datasets(root: Path, data_cfg, seed: int) -> dict[str, list[dict]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from vcr1.data.video import Clip, num_video_tokens, video_inputs
-from vcr1.model import mrope_positions
+from vcr1.model import mm_token_type_ids, mrope_positions
 
 VIDEO_PAD = "<|video_pad|>"
 
@@ -47,6 +47,6 @@ def prompt_inputs(tokenizer, model_config, messages: list[dict], video: Clip | d
         "pixel_values_videos": video["pixel_values_videos"],
         "video_grid_thw": grid,
         "second_per_grid_ts": second,
-        "mm_token_type_ids": (ids == model_config.video_token_id).int() * 2,
+        "mm_token_type_ids": mm_token_type_ids(ids, model_config),
         "position_ids": mrope_positions(ids[0], grid, second, model_config)[:, None, :],
     }

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vcr1.data.video import select_tracking_frames
+
 COLORS = ("red", "green", "blue", "yellow", "white", "purple")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Saturated colours far from the dark backgrounds and from each other, so they survive yuv420p and JPEG.
@@ -26,7 +28,7 @@ RGB = {
     "yellow": (240, 220, 40), "white": (245, 245, 245), "purple": (170, 60, 220),
 }
 SPLITS = ("train", "test")
-TASKS = ("tg", "tracking", "gqa")
+SYNTHETIC_TASKS = ("tg", "tracking", "gqa")  # mcq reuses gqa's NExT-GQA-format files
 VERSION = 1  # bump when the generated content changes, so that cached datasets are regenerated
 GRID = 3  # static scenes place their shapes in distinct cells of a GRID × GRID grid: no overlaps
 
@@ -189,7 +191,7 @@ def _track(rng, i, split, media, size):
 
     # Spec §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
     # the model sees 8 frames and the 8th box is the 7th's.
-    picks = [0] + [j * (n - 1) // 6 for j in range(1, 6)] + [n - 1] * 2
+    picks = select_tracking_frames(n) + [n - 1]
     gt = [[round(v, 3) for v in boxes[k]] for k in picks]
     return {"path": f"/synthetic/GOT-10k/{split}/{name}", "object": f"{objs[0][0]} {objs[0][1]}", "gt": gt}
 
@@ -209,7 +211,7 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
     params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "size": size,
               "video_fps": int(video_fps)}
     paths = {split: {task: {"annotations": str(out / split / f"{task}.json"),
-                            "media_root": str(out / split / task)} for task in TASKS} for split in SPLITS}
+                            "media_root": str(out / split / task)} for task in SYNTHETIC_TASKS} for split in SPLITS}
     manifest = out / "manifest.json"
 
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +224,7 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
 
         for s, split in enumerate(SPLITS):
             count = n_train if split == "train" else n_test
-            for t, task in enumerate(TASKS):
+            for t, task in enumerate(SYNTHETIC_TASKS):
                 media = Path(paths[split][task]["media_root"])
                 shutil.rmtree(media, ignore_errors=True)  # stale frames would change a sequence's length
                 media.mkdir(parents=True)

@@ -15,7 +15,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import token_logprobs_reference
 
-BACKENDS = ("auto", "triton", "torch")
+LM_HEAD_BACKENDS = ("auto", "triton", "torch")
 
 
 def interpreter_active():
@@ -223,8 +223,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def _validate(hidden, weight, targets, temperature, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in LM_HEAD_BACKENDS:
+        raise ValueError(f"backend must be one of {LM_HEAD_BACKENDS}, got {backend!r}")
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
