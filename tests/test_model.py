@@ -1,9 +1,11 @@
 """Model plumbing: vcr1's mRoPE positions and the LM-head wrapper."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig
 
-from vcr1.model import LMHead, install_lm_head, mrope_positions
+from vcr1.model import LMHead, answer_positions, install_lm_head, mrope_positions, prompt_positions, stop_ids
 
 V = 9  # the video pad id in these cases
 
@@ -39,6 +41,27 @@ def test_transformers_5_continues_elsewhere_after_a_video():
                                   second_per_grid_ts=torch.tensor([1.0]), attention_mask=torch.ones_like(ids))
     assert pos[:, 0, -2:].tolist() == [[4, 5]] * 3
     assert mrope_positions(ids[0], torch.tensor([[2, 4, 4]]), [1.0], _config())[:, -2:].tolist() == [[5, 6]] * 3
+
+
+def test_prompt_positions_prefer_given_ones_and_answers_continue_at_max_plus_one():
+    ids = torch.tensor([[1, 2] + [V] * 8 + [3, 4]])
+    inputs = {"input_ids": ids, "video_grid_thw": torch.tensor([[2, 4, 4]]), "second_per_grid_ts": [1.0]}
+    assert prompt_positions(inputs, _config())[:, -1].tolist() == [6, 6, 6]  # the hand-worked case above
+    given = torch.arange(36).reshape(3, 1, 12)
+    assert torch.equal(prompt_positions({**inputs, "position_ids": given}, _config()), given.reshape(3, 12))
+    # After a prompt whose largest position is 35 (on any row), the answer runs 36, 37, 38 on all rows.
+    assert answer_positions(given.reshape(3, 12), 3).tolist() == [[36, 37, 38]] * 3
+
+
+def test_stop_ids_unite_tokenizer_generation_and_text_configs():
+    tokenizer = SimpleNamespace(eos_token_id=7, convert_tokens_to_ids=lambda token: {"<|endoftext|>": 8}[token])
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[6, 5]),
+                            config=SimpleNamespace(text_config=SimpleNamespace(eos_token_id=6)))
+    assert stop_ids(model, tokenizer) == [5, 6, 7, 8]
+    assert stop_ids(model) == [5, 6]
+    bare = SimpleNamespace(generation_config=None, config=SimpleNamespace(text_config=SimpleNamespace()))
+    with pytest.raises(ValueError, match="no stop token"):
+        stop_ids(bare)
 
 
 def test_fractional_intervals_are_floored_after_scaling():
