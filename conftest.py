@@ -1,4 +1,4 @@
-"""Fixtures shared by tests/ and bench/: the real data beside the checkout, the GPU marker, Triton on CPU."""
+"""Fixtures shared by tests/ and bench/ (their shared constants are in tests/support/vcr1_testing.py)."""
 import os
 from pathlib import Path
 
@@ -10,12 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parent
-SHARED = Path(os.environ.get("VCR1_SHARED", REPO.parent / "shared"))
-# Where benchmarks write their JSON reports; CMake's benchmark smoke points it into the build folder.
-BENCH_RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from vcr1_testing import SHARED  # noqa: E402  (after the switch above, which must precede any triton import)
 
 
 @pytest.fixture(scope="session")

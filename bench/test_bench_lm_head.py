@@ -12,8 +12,8 @@ import pytest
 import torch
 import triton
 
-from conftest import BENCH_RESULTS
 from vcr1_kernels import grpo_loss, grpo_loss_from_logprobs
+from vcr1_testing import BENCH_RESULTS
 
 CUDA = torch.cuda.is_available()
 SEQ_LEN = 512  # completion tokens per packed sequence

@@ -12,9 +12,9 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import BENCH_RESULTS
 from vcr1 import packing
 from vcr1_kernels import token_logprobs
+from vcr1_testing import BENCH_RESULTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,9 +15,9 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import BENCH_RESULTS, requires_cuda
 from vcr1.model import mrope_positions
 from vcr1.rollout import PrefilledBatch, generate, hf_generate
+from vcr1_testing import BENCH_RESULTS, requires_cuda
 
 CPU_SHAPE = dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=1024, vision_hidden=32,
                  prompts=4, samples=4, text_tokens=40, grid=(2, 8, 8), max_new_tokens=32, step=16)

@@ -17,11 +17,11 @@ import torch
 import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import BENCH_RESULTS
 from vcr1 import tiny
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.train import Trainer
+from vcr1_testing import BENCH_RESULTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = {

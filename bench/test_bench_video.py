@@ -21,8 +21,8 @@ import torchcodec
 import transformers
 from torchcodec.decoders import VideoDecoder
 
-from conftest import BENCH_RESULTS
 from vcr1.data import video as V
+from vcr1_testing import BENCH_RESULTS
 
 HOST = "cuda" if torch.cuda.is_available() else "cpu"
 CLIPS = Path(tempfile.gettempdir()) / "vcr1_bench_clips"

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
 from vcr1.config import LEAVES, TINY_PRESET, ConfigError, parse_config, to_dict
+from vcr1_testing import REPO
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import REPO
+from vcr1_testing import REPO
 
 
 def _run(code: str, cwd: Path) -> dict:

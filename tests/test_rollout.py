@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import requires_cuda
 from vcr1 import rollout
 from vcr1.model import mrope_positions
 from vcr1.rollout import Sampling, StaticCacheEngine, generate, hf_generate, process_logits
+from vcr1_testing import requires_cuda
 
 VOCAB, VIDEO, V_START, V_END = 300, 295, 293, 294
 NEVER = 299  # an eos id the checks below keep out of the completions

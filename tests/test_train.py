@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
 from vcr1 import train
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
+from vcr1_testing import REPO
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
          "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import requires_cuda
 from vcr1.data import video as V
 from vcr1.data.video import Clip, VideoError, load_video, video_inputs
+from vcr1_testing import requires_cuda
 
 requires_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
 REAL_VIDEOS = ["nasa_13013.mp4", "bt709_full_range.mp4", "h264_10bits.mp4", "h265_video.mp4",
