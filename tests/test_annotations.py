@@ -9,14 +9,16 @@ from PIL import Image
 
 from vcr1.data.annotations import Sample, detect_format, load_annotations, reroot
 from vcr1.data.video import VideoError, load_video, select_tracking_frames
+from vcr1.rewards import score, validate_solution
 
-REAL = {  # file: (task, format, samples)
-    "charades_sta_train.json": ("tg", "charades", 12_408),
-    "charades_sta_test.json": ("tg", "charades", 3_720),
-    "activitynet_grounding_test.json": ("tg", "charades", 17_031),
-    "nextgqa_val.json": ("gqa", "nextgqa", 3_358),
-    "nextgqa_test.json": ("gqa", "nextgqa", 5_553),
-    "got10k_val_8frames.json": ("tracking", "got10k", 180),
+REAL = {  # file: (task, format, entries (spec §6), uids of the entries skipped as malformed)
+    # four Charades-STA training sentences end before they start
+    "charades_sta_train.json": ("tg", "charades", 12_408, {"LEOL6#0", "IOL8Q#0", "AKKWU#0", "AKKWU#1"}),
+    "charades_sta_test.json": ("tg", "charades", 3_720, set()),
+    "activitynet_grounding_test.json": ("tg", "charades", 17_031, set()),
+    "nextgqa_val.json": ("gqa", "nextgqa", 3_358, set()),
+    "nextgqa_test.json": ("gqa", "nextgqa", 5_553, set()),
+    "got10k_val_8frames.json": ("tracking", "got10k", 180, set()),
 }
 
 
@@ -33,13 +35,17 @@ def write_jsonl(path: Path, rows) -> Path:
 # ---------------------------------------------------------------- real files
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_files_load_completely(shared_data, name, tmp_path):
-    task, fmt, count = REAL[name]
+def test_real_files_load_every_usable_entry(shared_data, name, tmp_path, caplog):
+    task, fmt, count, bad = REAL[name]
     path = shared_data / "annotations" / name
     assert detect_format(json.loads(path.read_text()), None) == fmt
-    samples, skipped = load_annotations(task, path, tmp_path)
-    assert (len(samples), skipped) == (count, 0)
-    assert len({s.uid for s in samples}) == count
+    with caplog.at_level(logging.WARNING):
+        samples, skipped = load_annotations(task, path, tmp_path)
+    assert (len(samples), skipped) == (count - len(bad), len(bad))
+    assert len({s.uid for s in samples}) == count - len(bad) and not bad & {s.uid for s in samples}
+    skips = [r.message for r in caplog.records if "skipping" in r.message]
+    assert sorted(m.split("skipping sample ")[1].split(":")[0] for m in skips) == sorted(bad)
+    assert all("start is after end" in m for m in skips)
     assert all(s.task == task for s in samples)
     first = samples[0]
     if task == "tg":
@@ -61,6 +67,17 @@ def test_real_files_load_completely(shared_data, name, tmp_path):
         assert first.video == str(tmp_path / Path(raw["path"]).name)
         assert first.fields == {"object": raw["object"], "start": raw["gt"][0]}
         assert first.solution == {"boxes": raw["gt"]} and first.duration is None
+
+
+@pytest.mark.parametrize("name,task", [(name, REAL[name][0]) for name in REAL]
+                         + [("nextgqa_val.json", "mcq"), ("nextgqa_test.json", "mcq")])
+def test_real_samples_never_make_rewards_raise(shared_data, name, task, tmp_path):
+    """Load-time validation is the rewards' own: no sample that loaded can fail in training."""
+    samples, _ = load_annotations(task, shared_data / "annotations" / name, tmp_path)
+    for s in samples:
+        validate_solution(s.task, s.solution, s.fields.get("options"))
+        for completion in ("", "<think>.</think><answer>A 1 to 2</answer><glue>[(1, 2)]</glue>"):
+            score(s.task, completion, s.solution)
 
 
 def test_real_nextgqa_as_plain_mcq(shared_data, tmp_path):
@@ -208,6 +225,46 @@ def test_jsonl_skips_malformed_lines(tmp_path):
     ]
     samples, skipped = load_annotations(None, write_jsonl(tmp_path / "bad.jsonl", rows), tmp_path)
     assert len(samples) == 1 and skipped == len(rows) - 1
+
+
+NAN, INF = float("nan"), float("inf")
+TG = {"task": "tg", "video": "a.mp4", "fields": {"event": "x."}}
+MCQ = {"task": "mcq", "video": "a.mp4", "question": "q?", "options": ["(A) a", "(B) b", "(C) c", "(D) d"]}
+GQA = {**MCQ, "task": "gqa", "options": ["(A) a", "(B) b"]}
+TRACK = {"task": "tracking", "video": ["f0.jpg"], "object": "cat"}
+BOXES = [[0.1, 0.1, 0.5, 0.5]] * 8
+BAD_GROUND_TRUTH = {  # uid: (line, what the skip message says)
+    "reversed span": ({**TG, "solution": {"span": [5, 2]}}, "bad tg span [5, 2]: start is after end"),
+    "nan span": ({**TG, "solution": {"span": [NAN, 2]}}, "finite numbers"),
+    "inf span": ({**TG, "solution": {"span": [1, INF]}}, "finite numbers"),
+    "letter past options": ({**MCQ, "solution": {"answer": "(E)"}}, "option E is out of range for 4 options"),
+    "gqa letter past options": ({**GQA, "solution": {"answer": "(C)", "glue": [[0, 1]]}}, "option C is out of range"),
+    "no letter": ({**MCQ, "solution": {"answer": "none"}}, "bad answer 'none'"),
+    "7 boxes": ({**TRACK, "solution": {"boxes": BOXES[:7]}}, "want 8 boxes, got 7 boxes"),
+    "9 boxes": ({**TRACK, "solution": {"boxes": BOXES + BOXES[:1]}}, "want 8 boxes, got 9 boxes"),
+    "nan box": ({**TRACK, "solution": {"boxes": BOXES[:7] + [[0, 0, NAN, 1]]}}, "bad tracking box 7"),
+    "reversed glue": ({**GQA, "solution": {"answer": "(A)", "glue": [[0, 1], [6, 4]]}},
+                      "bad glue span [6, 4]: start is after end"),
+    "nan glue": ({**GQA, "solution": {"answer": "(A)", "glue": [[NAN, 1]]}}, "bad glue span"),
+    "empty glue": ({**GQA, "solution": {"answer": "(A)", "glue": []}}, "non-empty"),
+    "inf duration": ({**TG, "solution": {"span": [1, 2]}, "duration": INF}, "duration must be a finite number"),
+}
+
+
+def test_jsonl_skips_and_counts_bad_ground_truth(tmp_path, caplog):
+    """Each rule of vcr1.rewards.validate_solution (and the options' letter range) applies at load time."""
+    good = {"zero-length span": {**TG, "solution": {"span": [3, 3]}},
+            "last option": {**MCQ, "solution": {"answer": "(D)"}},
+            "gqa last option": {**GQA, "solution": {"answer": "The answer is (B)", "glue": [[0, 1], [1, 2]]}},
+            "boxes": {**TRACK, "solution": {"boxes": BOXES}}}
+    rows = [{**row, "uid": uid} for uid, row in good.items()]
+    rows += [{**row, "uid": uid} for uid, (row, _) in BAD_GROUND_TRUTH.items()]
+    with caplog.at_level(logging.WARNING):
+        samples, skipped = load_annotations(None, write_jsonl(tmp_path / "gt.jsonl", rows), tmp_path)
+    assert [s.uid for s in samples] == list(good) and skipped == len(BAD_GROUND_TRUTH)
+    messages = [r.message for r in caplog.records if "skipping" in r.message]
+    for uid, (_, reason) in BAD_GROUND_TRUTH.items():
+        assert any(f"skipping sample {uid}: " in m and reason in m for m in messages), (uid, reason, messages)
 
 
 def test_single_line_jsonl_is_detected(tmp_path):

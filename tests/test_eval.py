@@ -1,6 +1,8 @@
 """python -m vcr1.eval: scoring alone on the real annotation files, resumable generation, end to end with
 the tiny model (and a checkpoint of it) on the synthetic set, and evaluate() in process."""
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -99,6 +101,17 @@ def test_score_only_real_annotations(shared_data, tmp_path, task, name):
     assert result == pytest.approx({**expected(task, n0, n1, len(samples) - n0 - n1), "malformed": 1})
 
 
+def test_score_only_counts_malformed_solutions(tmp_path):
+    right = "<answer>A</answer><glue>[(0, 1)]</glue>"
+    bad = [{"answer": "(A)", "glue": [[3, 1]]}, {"answer": "(A)", "glue": [[0, float("nan")]]},
+           {"answer": "(A)", "glue": []}, {"answer": "none", "glue": [[0, 1]]}, {"answer": "(A)"}, None]
+    solutions = [{"answer": "(A)", "glue": [[0, 1]]}, *bad]
+    path = write_jsonl(tmp_path / "preds.jsonl", [{"uid": str(i), "task": "gqa", "completion": right, "solution": s}
+                                                  for i, s in enumerate(solutions)])
+    result, _ = run_eval("--task", "gqa", "--predictions", path)
+    assert result == {"acc": 100.0, "mIoU": 100.0, "unparseable": 0, "n": 1, "malformed": len(bad)}
+
+
 def test_score_only_missing_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vcr1.eval", "--task", "tg", "--predictions", tmp_path / "no.jsonl"],
                           capture_output=True, text=True, cwd=REPO)
@@ -190,7 +203,38 @@ def test_evaluate_in_process(synthetic):
     result = evaluate(model, tokenizer, samples + [broken], cfg=cfg, rank=0, world=1, device="cpu")
     assert set(result) == {"tg", "tracking", "gqa", "mcq"}
     for task, metrics in result.items():
-        assert set(metrics) == KEYS[task] | {"unparseable", "n", "skipped"}
+        assert set(metrics) == KEYS[task] | {"unparseable", "n", "skipped", "malformed"}
     assert [result[t]["n"] for t in ("tg", "tracking", "gqa", "mcq")] == [3, 3, 3, 2]
     assert result["tg"]["skipped"] == 1 and result["gqa"]["skipped"] == 0
+    assert all(metrics["malformed"] == 0 for metrics in result.values())
     assert model.training  # handed back in the mode it came in
+
+
+def test_evaluate_skips_and_counts_bad_items(synthetic, monkeypatch, caplog):
+    """A held-out item that cannot be encoded or scored is logged with its uid and counted, never fatal,
+    and the process still makes its one gather (so ranks never mismatch)."""
+    from vcr1 import engine
+    from vcr1.config import parse_config
+    from vcr1.eval import evaluate
+    from vcr1.model import load_model, load_tokenizer
+
+    cfg = parse_config(["--data.video.max_frames", "8", "--grpo.max_completion_length", "4",
+                        "--prompts_per_step", "4"])
+    tg = synthetic["tg"]
+    good = load_annotations("tg", tg["annotations"], tg["media_root"], limit=2)[0]
+    # as if load-time validation had been bypassed: a reversed span, and prompt fields without the event
+    reversed_span = dataclasses.replace(good[0], uid="reversed", solution={"span": [2.0, 1.0]})
+    no_event = dataclasses.replace(good[1], uid="no-event", fields={})
+    gathered = []
+    monkeypatch.setattr(engine, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
+    tokenizer = load_tokenizer(None)
+    model = load_model(None, tokenizer, dtype="fp32")
+
+    with caplog.at_level(logging.WARNING, logger="vcr1.eval"):
+        result = evaluate(model, tokenizer, [good[0], reversed_span, no_event, good[1]], cfg=cfg, device="cpu")
+    assert len(gathered) == 1
+    assert set(result) == {"tg"} and set(result["tg"]) == KEYS["tg"] | {"unparseable", "n", "skipped", "malformed"}
+    assert (result["tg"]["n"], result["tg"]["skipped"], result["tg"]["malformed"]) == (2, 1, 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reversed" in m and "start is after end" in m for m in messages), messages
+    assert any("no-event" in m and "lack 'event'" in m for m in messages), messages

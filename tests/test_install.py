@@ -56,7 +56,7 @@ def test_train_script_keeps_checkout_off_the_front_of_sys_path(tmp_path):
         "import json, runpy, sys\n"
         f"sys.path.insert(0, {str(script.parent)!r})\n"
         f"g = runpy.run_path({str(script)!r}, run_name='vcr1_train_as_script')\n"
-        "print(json.dumps({'path': sys.path, 'loss_from': g['grpo_loss'].__module__}))", cwd=tmp_path)
+        "print(json.dumps({'path': sys.path, 'loss_from': g['token_logprobs'].__module__}))", cwd=tmp_path)
     resolved = [str(Path(p or tmp_path).resolve()) for p in found["path"]]
     assert str(script.parent) not in resolved
     assert str(REPO) not in resolved  # installed: reached through site-packages, not by a path entry

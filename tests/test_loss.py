@@ -112,3 +112,36 @@ def test_on_policy_ratio_is_one_and_gradient_is_minus_advantage():
 def test_sft_loss_is_token_mean_then_sequence_mean():
     logp = torch.tensor([-1.0, -2.0, -4.0])
     assert sft_loss(logp, torch.tensor([0, 1, 3])).item() == pytest.approx((1.0 + 3.0) / 2)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that copies a tensor's value to the host: on a GPU each one waits for the GPU."""
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_loss_reads_no_tensor_value_on_the_host_unless_asked(loss_type):
+    """The trainer's loss path without --engine.check_values waits for nothing (forward and backward);
+    with it, the value checks read the tensors."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (7,))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    kw = dict(cu_seqlens=cu, advantages=torch.tensor([0.5, -0.5]), ref_logprobs=torch.randn(7) - 3, beta=0.04,
+              loss_type=loss_type, normalizer=torch.tensor(7.0) if loss_type == "dapo" else None, backend="torch")
+    for check, expect_reads in ((False, False), (True, True)):
+        with _HostReads() as mode:
+            loss, _ = grpo_loss(hidden, weight, targets, check_values=check, **kw)
+            loss.backward()
+        assert bool(mode.reads) == expect_reads, mode.reads

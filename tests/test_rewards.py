@@ -1,5 +1,6 @@
 """Rewards against spec §4, with hand-computed values and the edge cases that broke other parsers."""
 import math
+import re
 
 import pytest
 
@@ -165,7 +166,6 @@ def test_gqa_accuracy_first_block_and_missing():
     ("[(0, 2), (4, 6)]", [[1, 5]], 2 / 6),
     ("[(0, 2), (1, 3)]", [[2, 5], [4, 6]], 1 / 6),     # both sides merged; unmerged would give 1/8
     ("[(0, 1), (1, 2)]", [[0, 2]], 1.0),               # touching intervals merge
-    ("[]", [], 1.0),                                   # union 0 -> 1.0 (as released)
     ("[(2, 2)]", [[2, 2]], 1.0),
     ("[]", [[1, 2]], 0.0),
     ("[(3, 1)]", [[0, 5]], 0.0),                       # start > end: invalid
@@ -192,6 +192,7 @@ def test_glue_first_block_and_missing():
 def test_interval_helpers():
     assert merge_intervals([(5, 6), (0, 2), (1, 3)]) == [[0, 3], [5, 6]]
     assert intervals_iou([(0, 10)], [(2, 4), (6, 8)]) == pytest.approx(0.4)
+    assert intervals_iou([], []) == 1.0                # union 0 -> 1.0 (as released)
 
 
 # ------------------------------------------------------------------ score / total
@@ -214,12 +215,42 @@ def test_score_keys_and_values():
     ("tg", {}), ("tg", None), ("tracking", {"boxes": GT_BOXES[:7]}),
     ("tracking", {"boxes": [["0", 0, 1, 1]] * 8}), ("gqa", {"answer": "(C)", "glue": [[3, 1]]}),
     ("gqa", {"answer": "", "glue": [[1, 3]]}), ("gqa", {"answer": "(C)"}), ("mcq", {"answer": "none"}),
+    ("gqa", {"answer": "(C)", "glue": []}),    # an empty ground truth would pay IoU 1 to <glue>[]</glue>
+    ("gqa", {"answer": "(C)", "glue": [[1, math.inf]]}), ("tracking", {"boxes": [[0, 0, 1, math.nan]] * 8}),
+    ("tracking", {"boxes": GT_BOXES + [BOX]}), ("tg", {"span": [True, 2]}),
 ])
 def test_malformed_solution_raises(task, solution):
     with pytest.raises(ValueError):
         score(task, think("C"), solution)
     with pytest.raises(ValueError):
         validate_solution(task, solution)
+
+
+@pytest.mark.parametrize("task, solution, message", [
+    ("tg", {"span": [15, 10]}, "bad tg span [15, 10]: start is after end"),
+    ("tg", {"span": [1, math.nan]}, "bad tg span [1, nan]: start and end must be finite numbers"),
+    ("tg", {"span": [1, 2, 3]}, "bad tg span [1, 2, 3]: want [start, end]"),
+    ("tracking", {"boxes": GT_BOXES[:7]}, "want 8 boxes, got 7 boxes"),
+    ("tracking", {"boxes": GT_BOXES[:2] + [[0, 0, 1]] + GT_BOXES[3:]}, "bad tracking box 2 [0, 0, 1]"),
+    ("gqa", {"answer": "(C)", "glue": [[1, 2], [4, 3]]}, "bad glue span [4, 3]: start is after end"),
+    ("gqa", {"answer": "(C)", "glue": []}, "want a non-empty list"),
+    ("mcq", {"answer": "none"}, "bad answer 'none'"),
+    ("mcq", {}, "lacks 'answer'"),
+])
+def test_malformed_solution_message_names_the_problem(task, solution, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_solution(task, solution)
+
+
+def test_answer_letter_must_name_an_option():
+    options = ["(A) a", "(B) b", "(C) c", "(D) d"]
+    validate_solution("mcq", {"answer": "(D)"}, options)
+    validate_solution("gqa", {"answer": "The answer is D", "glue": [[1, 2]]}, options)
+    validate_solution("mcq", {"answer": "(E)"})          # without the options the range is unknown
+    for task, solution in [("mcq", {"answer": "(E)"}), ("gqa", {"answer": "(G)", "glue": [[1, 2]]})]:
+        with pytest.raises(ValueError, match="out of range for 4 options"):
+            validate_solution(task, solution, options)
+    validate_solution("tg", {"span": [1, 2]}, options)   # options matter to lettered answers only
 
 
 NASTY = ["", "<answer>", "</answer><answer>", "<answer></answer>", "<think></think><answer></answer><glue></glue>",

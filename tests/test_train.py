@@ -4,14 +4,16 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vcr1 import train
+from vcr1 import grpo, train
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
@@ -119,7 +121,7 @@ def _bad_dataset(tmp_path, synthetic):
 
 def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
     calls = {"score": 0, "loss": 0}
-    real_score, real_loss = train.score, train.grpo_loss
+    real_score, real_loss = grpo.score, grpo.grpo_loss
 
     def flaky_score(*a, **kw):
         calls["score"] += 1
@@ -132,8 +134,8 @@ def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
         loss, stats = real_loss(*a, **kw)
         return (loss * float("nan"), stats) if calls["loss"] == 2 else (loss, stats)
 
-    monkeypatch.setattr(train, "score", flaky_score)
-    monkeypatch.setattr(train, "grpo_loss", nan_once)
+    monkeypatch.setattr(grpo, "score", flaky_score)
+    monkeypatch.setattr(grpo, "grpo_loss", nan_once)
     out = tmp_path / "o"
     trainer = _run(_args(out, tmp_path, "--data", _bad_dataset(tmp_path, synthetic), "--max_steps", "3",
                          "--sft.steps", "1"))
@@ -144,25 +146,47 @@ def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def _torchrun(out, synthetic, *extra, timeout=600):
+def _torchrun(out, synthetic, *extra, script="vcr1/train.py", timeout=600):
+    """Two processes under torchrun; a hang (a collective one process never joins) fails at `timeout`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(REPO / "vcr1/train.py"), *_args(out, synthetic, *extra)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+           str(REPO / script), *_args(out, synthetic, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_processes_with_deepspeed_and_resume(tmp_path, synthetic, zero):
-    out = tmp_path / f"zero{zero}"
-    _torchrun(out, synthetic, "--engine.zero_stage", str(zero), "--sft.steps", "1", "--max_steps", "1")
-    _torchrun(out, synthetic, "--engine.zero_stage", str(zero), "--sft.steps", "1", "--max_steps", "2",
+def test_two_processes_with_deepspeed_and_resume(tmp_path, synthetic):
+    out = tmp_path / "zero2"
+    _torchrun(out, synthetic, "--engine.zero_stage", "2", "--sft.steps", "1", "--max_steps", "1")
+    _torchrun(out, synthetic, "--engine.zero_stage", "2", "--sft.steps", "1", "--max_steps", "2",
               "--resume", "true")
     rows = _metrics(out)
     assert [(r["step"], r["stage"]) for r in rows] == [(1, "sft"), (2, "grpo"), (3, "grpo")]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (out / "checkpoints/step-000003/rank1.pt").is_file()
-    weights = load_file(out / "checkpoints/step-000003/model.safetensors")
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_zero3_two_processes_whose_rollouts_end_at_different_lengths(tmp_path, synthetic, offload):
+    """ZeRO-3 through warm-up, GRPO and in-training eval while rank 1's completions stop after one token
+    and rank 0's run to the limit; then a resume. A hang fails at the timeout."""
+    out = tmp_path / "zero3"
+    common = ["--engine.zero_stage", "3", "--engine.offload", str(offload).lower(), "--sft.steps", "1",
+              "--eval_every", "1", "--eval_limit", "4", "--grpo.max_completion_length", "16"]
+    _torchrun(out, synthetic, *common, "--max_steps", "1", script="tests/support/uneven_rollouts.py")
+    if not offload:
+        _torchrun(out, synthetic, *common, "--max_steps", "2", "--resume", "true",
+                  script="tests/support/uneven_rollouts.py")
+    rows = [r for r in _metrics(out) if r["stage"] != "eval"]
+    assert [(r["step"], r["stage"]) for r in rows] == [(1, "sft"), (2, "grpo"), (3, "grpo")][:len(rows)]
+    assert len(rows) == (2 if offload else 3)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # rank 1's completions are 1 token, rank 0's 16 (no stop token yet): the mean lies strictly between
+    assert all(1 < r["completion_length"] < 16 for r in rows if r["stage"] == "grpo")
+    assert sum(r["stage"] == "eval" for r in _metrics(out)) == len(rows) - 1
+    final = out / "checkpoints" / f"step-{rows[-1]['step']:06d}"
+    weights = load_file(final / "model.safetensors")
     assert all(w.numel() > 0 and torch.isfinite(w).all() for w in weights.values())  # gathered, not shards
 
 
@@ -248,3 +272,140 @@ def test_every_listed_attention_trains_a_step_or_is_refused_at_start(tmp_path, s
             assert run.returncode == 2, (value, run.stderr[-2000:])
             assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
             assert value in run.stderr and not out.exists()
+
+
+def _train_process(out, synthetic, *extra) -> subprocess.Popen:
+    """`python vcr1/train.py` as a new process with a fresh shell's environment (earlier in-process runs
+    set this process's torch.distributed variables)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, str(REPO / "vcr1/train.py"), *_args(out, synthetic, *extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+
+
+def _finish(proc, timeout=600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path, synthetic):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the process exits 0. A resume from it
+    takes the same steps as an uninterrupted run, and metrics.jsonl holds every step once - also the steps a
+    crash would have logged after the checkpoint."""
+    extra = ("--max_steps", "8", "--save_every", "100", "--keep_checkpoints", "1")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _finish(_train_process(straight, synthetic, *extra))
+
+    proc = _train_process(stopped, synthetic, *extra)
+    deadline = time.time() + 300
+    while not ((stopped / "metrics.jsonl").is_file() and len(_metrics(stopped)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = _finish(proc)
+    last = _metrics(stopped)[-1]["step"]
+    assert "stopped by a signal" in output and 3 <= last < 10
+    assert (stopped / "checkpoints/latest").read_text() == f"step-{last:06d}"
+    # what a crash after the checkpoint leaves behind: a row past it and a torn line
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": last + 1, "stage": "grpo", "loss": 123.0}) + '\n{"step": ')
+
+    _finish(_train_process(stopped, synthetic, *extra, "--resume", "true"))
+    rows, resumed = _metrics(straight), _metrics(stopped)
+    assert [r["step"] for r in resumed] == [r["step"] for r in rows] == list(range(1, 11))
+    for a, b in zip(rows, resumed):
+        assert (a.get("reward"), a.get("completion_length")) == (b.get("reward"), b.get("completion_length"))
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    wa = load_file(straight / "checkpoints/step-000010/model.safetensors")
+    wb = load_file(stopped / "checkpoints/step-000010/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_without_a_checkpoint_and_a_fresh_run_over_one_are_refused(tmp_path, synthetic):
+    out = tmp_path / "o"
+    proc = _train_process(out, synthetic, "--resume", "true")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "no checkpoint to resume from" in output and "Traceback" not in output, output
+    _run(_args(out, synthetic, "--stage", "sft", "--resume", "auto"))  # nothing to resume: starts fresh
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    with pytest.raises(FileExistsError, match="earlier run's checkpoints"):
+        train.Trainer(parse_config(_args(out, synthetic, "--stage", "sft", "--resume", "false")))
+    _run(_args(out, synthetic, "--stage", "sft", "--sft.steps", "3"))  # the default, auto, continues it
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not finite (a bf16 overflow)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path, synthetic, monkeypatch, zero):
+    real_loss = grpo.grpo_loss
+
+    def finite_loss_nan_gradients(*a, **kw):
+        loss, stats = real_loss(*a, **kw)
+        return _NanGradient.apply(loss), stats
+
+    monkeypatch.setattr(grpo, "grpo_loss", finite_loss_nan_gradients)
+    out = tmp_path / "o"
+    trainer = train.Trainer(parse_config(_args(out, synthetic, "--stage", "grpo", "--max_steps", "2",
+                                               "--engine.zero_stage", str(zero))))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    rows = _metrics(out)
+    assert all(math.isfinite(r["loss"]) for r in rows)  # the loss was finite: only its gradients were not
+    assert [r["skipped/nan"] for r in rows] == [1, 2]
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_one_prompt_per_process_survives_bad_ground_truth(tmp_path, synthetic, monkeypatch):
+    """The paper's batch shape (1 prompt per process, no accumulation) on a Charades-format file holding a
+    reversed span (skipped at load), with a reward that throws on a whole step's only group and a held-out
+    item that cannot be scored: the run finishes and counts each."""
+    from vcr1 import metrics
+
+    ann = json.loads((synthetic / "train/tg.json").read_text())
+    vid, entry = next(iter(ann.items()))
+    ann[vid] = dict(entry, timestamps=entry["timestamps"] + [[6.0, 2.0]], sentences=entry["sentences"] + ["backwards."])
+    (tmp_path / "tg.json").write_text(json.dumps(ann))
+    held_out = json.dumps([{"task": "tg", "annotations": str(synthetic / "test/tg.json"),
+                            "media_root": str(synthetic / "test/tg")}])
+    calls = {"score": 0, "score_item": 0}
+    real_score, real_item = grpo.score, metrics.score_item
+
+    def score_fails_on_step_two(*a, **kw):  # GRPO step 1 scores one group of 2 completions; step 2 starts at 3
+        calls["score"] += 1
+        if calls["score"] == 3:
+            raise ValueError("reward bug")
+        return real_score(*a, **kw)
+
+    def first_item_fails(*a, **kw):
+        calls["score_item"] += 1
+        if calls["score_item"] == 1:
+            raise ValueError("malformed held-out solution")
+        return real_item(*a, **kw)
+
+    monkeypatch.setattr(grpo, "score", score_fails_on_step_two)
+    monkeypatch.setattr(metrics, "score_item", first_item_fails)
+    out = tmp_path / "o"
+    trainer = _run(_args(out, synthetic, "--data", f"tg:{tmp_path / 'tg.json'}:{synthetic / 'train/tg'}",
+                         "--data.eval_datasets", held_out, "--prompts_per_step", "1", "--grad_accum", "1",
+                         "--sft.steps", "1", "--max_steps", "3", "--eval_every", "1", "--eval_limit", "2"))
+    rows = _metrics(out)
+    steps = [r for r in rows if r["stage"] == "grpo"]
+    evals = [r for r in rows if r["stage"] == "eval"]
+    assert len(steps) == 3 and len(evals) == 3
+    assert steps[-1]["skipped/annotations"] == 1 and steps[-1]["skipped/reward"] == 1
+    assert steps[1]["reward"] is None and steps[1]["loss"] is None  # its only group was left out
+    assert steps[0]["loss"] is not None and steps[2]["loss"] is not None
+    assert sum(r["eval/tg/malformed"] for r in evals) == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -120,6 +120,10 @@ class EngineConfig:
     shared_prefix: bool = opt(True, "the video prompt once per group in packed forwards; off = repeated padded")
     loss_backend: str = opt("auto", "LM-head kernels: triton, torch (reference) or auto", LM_HEAD_BACKENDS)
     nvtx: bool = opt(False, "emit NVTX ranges per phase (for nsys)")
+    sync_timings: bool = opt(False, "synchronize the GPU after each phase so time/* charges GPU work to the "
+                                    "phase that queued it (on with --engine.nvtx; a host sync per phase)")
+    check_values: bool = opt(False, "check the values of the loss inputs on every call (token ids in range, "
+                                    "sequence boundaries); each check is a host sync")
 
 
 @dataclass
@@ -136,13 +140,17 @@ class TrainConfig:
     epochs: int = opt(1, "passes over the training data")
     max_steps: int | None = opt(None, "stop after this many GRPO optimizer steps (unset = epochs)")
     output_dir: str = opt("outputs/vcr1", "where config, metrics, samples, plots and checkpoints go")
-    save_every: int = opt(500, "checkpoint every N GRPO steps (and at the end)")
+    save_every: int = opt(100, "checkpoint every N GRPO steps (and at the end, and on SIGTERM/SIGINT)")
+    save_minutes: float = opt(30.0, "also checkpoint when this many minutes have passed since the last one "
+                                    "(0 = off): bounds what a preemption loses")
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     eval_every: int = opt(0, "evaluate on the held-out split every N GRPO steps (0 = off)")
     eval_limit: int = opt(64, "held-out examples per evaluation")
     log_every: int = opt(1, "print progress every N steps")
     samples_every: int = opt(10, "write sample completions every N steps")
-    resume: bool = opt(False, "continue from the last checkpoint in output_dir")
+    resume: str = opt("auto", "continue from the checkpoint output_dir/checkpoints/latest names: auto (start "
+                              "fresh if there is none), true (stop if there is none), false (stop if there is one)",
+                      ("auto", "true", "false"))
     seed: int = opt(0, "seed of data order, sampling and init")
     wandb: bool = opt(False, "also log to Weights & Biases")
 
@@ -213,6 +221,8 @@ def _convert(key: str, value, tp):
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if base is str and isinstance(value, bool):  # YAML reads `resume: true` as a bool
+            return str(value).lower()
         if base in (int, float, str):
             if base is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -292,6 +302,7 @@ def _validate(cfg: TrainConfig):
         (cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1"),
         (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps must be >= 1 or unset"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
+        (cfg.save_every >= 1 and cfg.save_minutes >= 0, "save_every must be >= 1 and save_minutes >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (len(cfg.optim.betas) == 2, "optim.betas must be two numbers"),
         (cfg.stage != "sft" or cfg.sft.steps > 0, "stage sft needs sft.steps > 0"),

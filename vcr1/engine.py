@@ -1,5 +1,9 @@
 """Processes and the DeepSpeed engine: torchrun environment, ZeRO 0/2/3 with optional CPU offload,
-AdamW with the LR schedule, and the collectives the trainer needs."""
+AdamW with the LR schedule, full weights for generation, and every collective vcr1 makes.
+
+Collectives live here and nowhere else: each builds its tensor on `collective_device()` (the GPU under
+NCCL, the CPU under gloo), so no caller can hand NCCL a CPU tensor.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +35,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
+# ---------------------------------------------------------------------------------------- optimizer
+
 def lr_lambda(step: int, *, sft_steps: int, sft_scale: float, grpo_steps: int, warmup: int, kind: str) -> float:
-    """LR multiplier of optim.lr at optimizer step `step`: warm-up steps first at sft.lr, then GRPO's schedule."""
+    """LR multiplier of optim.lr at optimizer step `step`: the warm-up's steps at sft.lr, then GRPO's
+    schedule over its `grpo_steps` optimizer steps (μ per GRPO step)."""
     if step < sft_steps:
         return sft_scale
     step -= sft_steps
@@ -44,6 +51,37 @@ def lr_lambda(step: int, *, sft_steps: int, sft_scale: float, grpo_steps: int, w
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+class CheckedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm and skips a step whose gradients are not all finite.
+
+    DeepSpeed does both for its own optimizer wrappers (ZeRO >= 1, bf16, fp16) but hands an fp32 ZeRO-0
+    run the bare optimizer: there a NaN gradient would be clipped into the weights. A skipped step sets
+    `overflow`, which DeepSpeed reads to leave the LR schedule alone and count `skipped_steps`; the norm
+    is reported as DeepSpeed's wrappers report it (`_global_grad_norm`, before clipping).
+    """
+
+    def __init__(self, params, *, max_grad_norm: float, **adam):
+        super().__init__(params, **adam)
+        self.max_grad_norm, self.overflow, self._global_grad_norm = max_grad_norm, False, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # ZeRO-0 all-reduced the gradients already, so every process computes the same norm.
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        self._global_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def _bare_optimizer(cfg) -> bool:
+    """DeepSpeed runs the client optimizer itself, without overflow checks, only at ZeRO-0 in fp32."""
+    return cfg.engine.zero_stage == 0 and cfg.model.dtype == "fp32"
 
 
 def deepspeed_config(cfg, *, train: bool) -> dict:
@@ -59,18 +97,22 @@ def deepspeed_config(cfg, *, train: bool) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": cfg.grad_accum if train else 1,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
+        # check_grad_overflow: a bf16 step with a non-finite gradient is skipped, never applied
+        "bf16": {"enabled": dtype == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": dtype == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if train and cfg.optim.max_grad_norm > 0:
+    if train and cfg.optim.max_grad_norm > 0 and not _bare_optimizer(cfg):
         ds["gradient_clipping"] = cfg.optim.max_grad_norm
     return ds
 
 
 def build_engine(model, cfg, *, grpo_steps: int):
-    """The DeepSpeed engine training `model` with AdamW and the combined warm-up + GRPO schedule."""
+    """The DeepSpeed engine training `model` with AdamW and the combined warm-up + GRPO schedule.
+
+    One optimizer step per micro-batch group of `grad_accum`, μ = grpo.num_iterations of them per GRPO step;
+    steps whose gradients are not finite are skipped and counted in `engine.skipped_steps`."""
     import deepspeed
 
     ds = deepspeed_config(cfg, train=True)
@@ -79,10 +121,13 @@ def build_engine(model, cfg, *, grpo_steps: int):
     if "offload_optimizer" in ds["zero_optimization"]:
         ds["optimizer"] = {"type": "AdamW", "params": adam}  # DeepSpeed's CPU Adam runs the offloaded step
         optimizer = None
+    elif _bare_optimizer(cfg):
+        optimizer = CheckedAdamW(params, max_grad_norm=cfg.optim.max_grad_norm, **adam)
     else:
         optimizer = torch.optim.AdamW(params, **adam)
     sched = dict(sft_steps=cfg.sft.steps if "sft" in cfg.stage else 0, sft_scale=cfg.sft.lr / cfg.optim.lr,
-                 grpo_steps=grpo_steps, warmup=cfg.optim.warmup_steps, kind=cfg.optim.scheduler)
+                 grpo_steps=grpo_steps * cfg.grpo.num_iterations, warmup=cfg.optim.warmup_steps,
+                 kind=cfg.optim.scheduler)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, **sched)),
@@ -102,24 +147,52 @@ def build_frozen(model, cfg):
     return deepspeed.initialize(model=model, config=ds)[0].module
 
 
-def gathered(model, zero_stage: int):
-    """Full weights for generation under ZeRO-3 (per-layer gathering would make decoding crawl)."""
+def generation_weights(engine, zero_stage: int):
+    """Full weights and no ZeRO-3 module hooks for a generation call (rollouts, eval), restored after.
+
+    Under ZeRO-3 every module's hooks gather its shard before a forward and release it after: decoding
+    token by token would re-gather every layer every step, and a process whose completions end early
+    would leave the others waiting in a gather. Gathering once and removing the hooks makes generation
+    collective-free, so processes may stop decoding at different steps."""
     if zero_stage != 3:
         return contextlib.nullcontext()
-    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return unwrap_model_for_generation(engine)
 
 
-def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    value = value.clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=op)
-    return value
+# -------------------------------------------------------------------------------------- collectives
+
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: the current GPU under NCCL, the CPU otherwise."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def to_collective_device(t: torch.Tensor) -> torch.Tensor:
+    return t.to(collective_device())
+
+
+def sum_floats(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over every process (float64, on the collective device)."""
+    t = to_collective_device(torch.tensor(values, dtype=torch.float64))
+    if _multi():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_process(*flags: bool) -> list[bool]:
+    """For each flag: is it set on any process? (Every process gets the same answer.)"""
+    return [s > 0 for s in sum_floats([float(bool(f)) for f in flags])]
 
 
 def all_gather_objects(obj) -> list:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -127,5 +200,5 @@ def all_gather_objects(obj) -> list:
 
 
 def barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi():
         dist.barrier()

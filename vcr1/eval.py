@@ -38,10 +38,9 @@ PAPER_MAX_NEW_TOKENS = 2048
 # ---------------------------------------------------------------------------------------- generation
 
 def predict(model, tokenizer, samples, *, data_cfg: DataConfig, device, batch_size: int, max_new_tokens: int):
-    """Per batch of samples: (prediction records, tasks of the samples whose video would not decode)."""
+    """Per batch of samples: (prediction records, tasks of the samples that could not be encoded)."""
     from vcr1 import rollout
     from vcr1.data.dataset import encode_sample
-    from vcr1.data.video import VideoError
     from vcr1.model import stop_ids
 
     stops = stop_ids(model, tokenizer)
@@ -51,8 +50,8 @@ def predict(model, tokenizer, samples, *, data_cfg: DataConfig, device, batch_si
             try:
                 prompts.append(encode_sample(sample, tokenizer, model.config, data_cfg, device))
                 ready.append(sample)
-            except VideoError as e:
-                log.warning("skipping %s: %s", sample.uid, e)
+            except Exception as e:  # an undecodable video (VideoError) or any other bad sample: never fatal
+                log.warning("skipping %s: cannot encode it: %r", sample.uid, e)
                 skipped.append(sample.task)
         outs = rollout.generate(model, prompts, num_samples=1, max_new_tokens=max_new_tokens, greedy=True,
                                 eos_token_id=stops) if prompts else []
@@ -65,16 +64,18 @@ def predict(model, tokenizer, samples, *, data_cfg: DataConfig, device, batch_si
 # --------------------------------------------------------------------------------- in-process (trainer)
 
 def summarize(parts) -> dict:
-    """{task: metrics + skipped} from every process's ({task: scored items}, Counter of skipped tasks)."""
-    items, skipped = collections.defaultdict(list), collections.Counter()
-    for part_items, part_skipped in parts:
+    """{task: metrics + skipped + malformed} from every process's ({task: scored items}, Counter of the
+    tasks of samples not encoded, Counter of the tasks of items not scored)."""
+    items, skipped, malformed = collections.defaultdict(list), collections.Counter(), collections.Counter()
+    for part_items, part_skipped, part_malformed in parts:
         for task, scored in part_items.items():
             items[task] += scored
         skipped.update(part_skipped)
+        malformed.update(part_malformed)
     result = {}
-    for task in sorted(set(items) | set(skipped)):
+    for task in sorted(set(items) | set(skipped) | set(malformed)):
         result[task] = metrics.aggregate(task, items[task]) if items[task] else {"unparseable": 0, "n": 0}
-        result[task]["skipped"] = skipped[task]
+        result[task].update(skipped=skipped[task], malformed=malformed[task])
     return result
 
 
@@ -84,24 +85,30 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
 
     Each process answers samples[rank::world] greedily with cfg.data's video and prompt settings, at most
     cfg.grpo.max_completion_length new tokens, cfg.prompts_per_step prompts per batch (the prompt caches
-    a training rollout already holds). Samples whose video does not decode count in `skipped`.
+    a training rollout already holds). Samples that cannot be encoded (e.g. a video that does not decode)
+    count in `skipped`, items that cannot be scored (a malformed solution) in `malformed`: a bad held-out
+    item never ends training, and every process still makes the one gather below.
     """
     from vcr1.engine import all_gather_objects
 
     batch_size = batch_size or cfg.prompts_per_step
     max_new_tokens = max_new_tokens or cfg.grpo.max_completion_length
-    items, skipped = collections.defaultdict(list), collections.Counter()
+    items, skipped, malformed = collections.defaultdict(list), collections.Counter(), collections.Counter()
     was_training = model.training
     model.eval()
     try:
         for records, bad in predict(model, tokenizer, samples[rank::world], data_cfg=cfg.data, device=device,
                                     batch_size=batch_size, max_new_tokens=max_new_tokens):
             for r in records:
-                items[r["task"]].append(metrics.score_item(r["task"], r["completion"], r["solution"]))
+                try:
+                    items[r["task"]].append(metrics.score_item(r["task"], r["completion"], r["solution"]))
+                except Exception as e:  # a malformed solution that bypassed load-time validation, or a bug
+                    log.warning("not scoring %s: %r", r["uid"], e)
+                    malformed[r["task"]] += 1
             skipped.update(bad)
     finally:
         model.train(was_training)
-    return summarize(all_gather_objects((dict(items), skipped)))
+    return summarize(all_gather_objects((dict(items), skipped, malformed)))
 
 
 # ------------------------------------------------------------------------------- predictions files

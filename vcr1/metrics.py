@@ -25,7 +25,8 @@ def score_item(task: str, completion: str, solution: dict) -> dict:
                 "parsed": pred is not None}
     if task == "tracking":
         pred = rewards.parse_boxes(completion)
-        ious = list(map(rewards.box_iou, pred, solution["boxes"])) if pred is not None else [0.0] * 8
+        unread = [0.0] * rewards.TRACKING_BOXES
+        ious = list(map(rewards.box_iou, pred, solution["boxes"])) if pred is not None else unread
         return {"frame_ious": ious, "parsed": pred is not None}
     acc = rewards.gqa_accuracy(completion, solution["answer"])
     parsed = rewards.parse_letter(completion) != ""

@@ -1,31 +1,41 @@
-"""Run outputs on the main process: metrics.jsonl (one line per optimizer step), TensorBoard, optional
-W&B, sample completions, progress lines and the reward-curve plot."""
+"""Run outputs on the main process: metrics.jsonl (one line per optimizer step, also across a resume),
+TensorBoard, optional W&B, sample completions, progress lines and the reward-curve plot."""
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from vcr1.checkpoint import write_atomic
+
 
 class Monitor:
+    """`resume_step`: the step of the checkpoint a resumed run continues from; None for a fresh run."""
+
     def __init__(self, out_dir: Path, *, enabled: bool, wandb_run: bool = False, config: dict | None = None,
-                 resume: bool = False):
+                 resume_step: int | None = None):
         self.out_dir, self.enabled = out_dir, enabled
         self.tb = self.wandb = None
         self.start = time.time()
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if resume else "w"
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                _keep_until(out_dir / name, resume_step)
+        mode = "w" if resume_step is None else "a"
         self.metrics = open(out_dir / "metrics.jsonl", mode)
         self.samples = open(out_dir / "samples.jsonl", mode)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        # TensorBoard hides the killed run's events after `resume_step`, which this run logs again.
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                purge_step=None if resume_step is None else resume_step + 1)
         if wandb_run:
             import wandb
 
@@ -43,6 +53,14 @@ class Monitor:
                 self.tb.add_scalar(f"{row['stage']}/{k}", v, step)
         if self.wandb:
             self.wandb.log({k: v for k, v in clean.items() if k != "step"}, step=step)
+
+    def sync(self):
+        """Flush metrics and samples to disk (before a checkpoint, which a resume truncates them to)."""
+        if not self.enabled:
+            return
+        for f in (self.metrics, self.samples):
+            f.flush()
+            os.fsync(f.fileno())
 
     def log_samples(self, step: int, records: list[dict]):
         if not self.enabled:
@@ -64,6 +82,21 @@ class Monitor:
         if self.wandb:
             self.wandb.finish()
         plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png")
+
+
+def _keep_until(path: Path, step: int):
+    """Drop the rows of `path` after `step`, which the resumed run logs again, and any line a kill tore.
+    Replaced atomically, so a kill meanwhile loses nothing."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, TypeError, KeyError):
+            continue  # torn by the kill
+    write_atomic(path, "".join(kept))
 
 
 def plot_rewards(metrics_path: Path, png: Path):
@@ -125,18 +158,21 @@ def nvtx_range(name: str):
 
 
 class Phases:
-    """Wall time per phase of a step, each inside an NVTX range when profiling is on."""
+    """Wall time per phase of a step, each inside an NVTX range when profiling is on. With `sync` the GPU
+    is synchronized at the end of each phase, so its asynchronous work is charged to the phase that
+    queued it; without, no phase waits for the GPU (GPU time lands wherever the host next waits)."""
 
-    def __init__(self):
+    def __init__(self, sync: bool = False):
         self.times: dict[str, float] = {}
+        self.sync = sync
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
         with nvtx_range(name):
             yield
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # GPU work is asynchronous: charge it to the phase that queued it
+            if self.sync and torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:

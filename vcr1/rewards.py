@@ -2,7 +2,9 @@
 
 Every component is a float in [0, 1]. A completion that cannot be parsed scores 0 for that component
 and never raises; a malformed *solution* or an unknown task raises ValueError (the trainer counts and
-skips the sample). The parsers are public because evaluation (vcr1.metrics) reuses them.
+skips the sample). What a well-formed solution is lives here only, in validate_solution, which the
+annotation loader also applies, so a sample that loaded never makes a reward raise. The parsers are
+public because evaluation (vcr1.metrics) reuses them.
 """
 import ast
 import math
@@ -10,12 +12,15 @@ import re
 
 from vcr1.prompts import TASKS
 
+TRACKING_BOXES = 8            # boxes in a tracking answer and its ground truth
+OPTION_LETTERS = "ABCDEFG"    # the letters an answer can name; a prompt lists its options in this order
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _GLUE = re.compile(r"<glue>(.*?)</glue>", re.DOTALL)
 _SPAN = re.compile(r"(\d+\.?\d*) (to|and) (\d+\.?\d*)", re.IGNORECASE)
 _GLUE_LIST = re.compile(
     r"^\[(\(\d+(\.\d+)?,\s*\d+(\.\d+)?\)(,\s*\(\d+(\.\d+)?,\s*\d+(\.\d+)?\))*(,)?|)\]$")
-_LETTER = re.compile(r"[ABCDEFG]")
+_LETTER = re.compile(f"[{OPTION_LETTERS}]")
 # The released code wrote "Best answer:" "Best option:" without a comma, so Python glued them into
 # one phrase that never matched; vcr1 removes each phrase on its own.
 _ANSWER_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
@@ -28,9 +33,15 @@ _FORMATS = {(task, think): re.compile((_THINK if think else "") + body, re.DOTAL
             for task, body in _BODY.items() for think in (True, False)}
 
 
-def _is_number(x) -> bool:
-    # bool is an int subclass but never a coordinate; inf/nan would turn an IoU into nan.
+def is_number(x) -> bool:
+    """A finite int or float: bool is an int subclass but never a coordinate; inf/nan would turn an
+    IoU into nan."""
     return type(x) in (int, float) and math.isfinite(x)
+
+
+def is_box(box) -> bool:
+    """[x0, y0, x1, y1] of finite numbers (a list or tuple)."""
+    return isinstance(box, (list, tuple)) and len(box) == 4 and all(map(is_number, box))
 
 
 # ---------------------------------------------------------------- parsers (completion side)
@@ -53,9 +64,9 @@ def parse_boxes(completion: str):
         boxes = ast.literal_eval(match.group(1).replace("\n", ""))
     except Exception:
         return None
-    if not (isinstance(boxes, list) and len(boxes) == 8):
+    if not (isinstance(boxes, list) and len(boxes) == TRACKING_BOXES):
         return None
-    if not all(isinstance(b, list) and len(b) == 4 and all(map(_is_number, b)) for b in boxes):
+    if not all(isinstance(b, list) and len(b) == 4 and all(map(is_number, b)) for b in boxes):
         return None
     return boxes
 
@@ -70,7 +81,7 @@ def parse_glue(completion: str):
     except Exception:
         return None
     # The regex already guarantees a list of 2-tuples of numbers; huge literals may still be inf.
-    if not all(_is_number(s) and _is_number(e) and s <= e for s, e in intervals):
+    if not all(is_number(s) and is_number(e) and s <= e for s, e in intervals):
         return None
     return intervals
 
@@ -94,18 +105,27 @@ def parse_letter(completion: str) -> str:
 
 
 # ---------------------------------------------------------------- ground-truth validation
+# One home for what a usable solution is: the rewards and metrics check it on every call, and the
+# annotation loader (vcr1.data.annotations) checks it once per sample, so a sample that loaded never
+# makes a reward raise.
 
-def _gt_span(span):
-    if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(map(_is_number, span))
-            and span[0] <= span[1]):
-        raise ValueError(f"bad tg span {span!r}: want [start, end] with start <= end")
+def _gt_span(span, what: str = "tg span"):
+    if not (isinstance(span, (list, tuple)) and len(span) == 2):
+        raise ValueError(f"bad {what} {span!r}: want [start, end]")
+    if not all(map(is_number, span)):
+        raise ValueError(f"bad {what} {span!r}: start and end must be finite numbers")
+    if span[0] > span[1]:
+        raise ValueError(f"bad {what} {span!r}: start is after end")
     return span
 
 
 def _gt_boxes(boxes):
-    if not (isinstance(boxes, (list, tuple)) and len(boxes) == 8 and all(
-            isinstance(b, (list, tuple)) and len(b) == 4 and all(map(_is_number, b)) for b in boxes)):
-        raise ValueError(f"bad tracking boxes {boxes!r}: want 8 x [x0, y0, x1, y1]")
+    if not (isinstance(boxes, (list, tuple)) and len(boxes) == TRACKING_BOXES):
+        count = f"{len(boxes)} boxes" if isinstance(boxes, (list, tuple)) else repr(boxes)
+        raise ValueError(f"bad tracking boxes: want {TRACKING_BOXES} boxes, got {count}")
+    for k, box in enumerate(boxes):
+        if not is_box(box):
+            raise ValueError(f"bad tracking box {k} {box!r}: want [x0, y0, x1, y1] of finite numbers")
     return boxes
 
 
@@ -117,11 +137,19 @@ def _gt_letter(answer):
 
 
 def _gt_glue(glue):
-    if not (isinstance(glue, (list, tuple)) and all(
-            isinstance(g, (list, tuple)) and len(g) == 2 and all(map(_is_number, g)) and g[0] <= g[1]
-            for g in glue)):
-        raise ValueError(f"bad glue {glue!r}: want [[start, end], ...] with start <= end")
+    # An empty ground truth would pay a full IoU to an empty <glue>[]</glue>.
+    if not (isinstance(glue, (list, tuple)) and glue):
+        raise ValueError(f"bad glue {glue!r}: want a non-empty list [[start, end], ...]")
+    for span in glue:
+        _gt_span(span, "glue span")
     return glue
+
+
+def _gt_option(answer, options) -> None:
+    """An answer letter past the last option could never be matched: the sample can teach nothing."""
+    letter = _gt_letter(answer)
+    if OPTION_LETTERS.index(letter) >= len(options):
+        raise ValueError(f"bad answer {answer!r}: option {letter} is out of range for {len(options)} options")
 
 
 # ---------------------------------------------------------------- IoUs
@@ -190,7 +218,7 @@ def tracking_iou(completion: str, boxes) -> float:
     """Mean box IoU over the 8 frames of the FIRST <answer> block."""
     boxes = _gt_boxes(boxes)
     pred = parse_boxes(completion)
-    return sum(map(box_iou, pred, boxes)) / 8 if pred is not None else 0.0
+    return sum(map(box_iou, pred, boxes)) / TRACKING_BOXES if pred is not None else 0.0
 
 
 def gqa_accuracy(completion: str, answer) -> float:
@@ -215,12 +243,17 @@ _SOLUTION_CHECKS = {"tg": {"span": _gt_span}, "tracking": {"boxes": _gt_boxes},
                     "gqa": {"answer": _gt_letter, "glue": _gt_glue}, "mcq": {"answer": _gt_letter}}
 
 
-def validate_solution(task: str, solution) -> None:
-    """Raise ValueError unless solution is well formed for task (see score)."""
+def validate_solution(task: str, solution, options=None) -> None:
+    """Raise ValueError naming what is wrong unless solution is well formed for task (see score).
+
+    options: the sample's option list (gqa/mcq); given, the answer's letter must be in its range.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     for key, check in _SOLUTION_CHECKS[task].items():
         check(_get(solution, key))
+    if options is not None and "answer" in _SOLUTION_CHECKS[task]:
+        _gt_option(solution["answer"], options)
 
 
 def score(task: str, completion: str, solution: dict, think: bool = True) -> dict:

@@ -29,53 +29,26 @@ import logging
 import math
 import os
 import random
+import signal
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, rollout
+from vcr1 import checkpoint, grpo
 from vcr1 import engine as eng
 from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_answer, synthetic_datasets
 from vcr1.data.video import decode_stats
-from vcr1.loss import group_advantages, sft_loss
+from vcr1.loss import sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, enable_nvtx
 from vcr1.packing import completion_hidden
-from vcr1.rewards import score, total_reward
-from vcr1_kernels import grpo_loss, token_logprobs
+from vcr1_kernels import token_logprobs
 
 log = logging.getLogger("vcr1")
-
-
-@dataclass
-class Micro:
-    """One micro-batch of rollouts: prompts, their completions, rewards and what the loss needs."""
-    examples: list
-    completions: list  # per prompt: list of G 1-D token tensors
-    rewards: torch.Tensor  # [B·G]
-    advantages: torch.Tensor | None = None
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-
-    @property
-    def inputs(self):
-        return [ex.inputs for ex in self.examples]
-
-
-@dataclass
-class Counters:
-    skipped_annotations: int = 0
-    skipped_reward: int = 0
-    skipped_nan: int = 0
-
-
-def _zero_loss(hidden, weight):
-    """A loss of exactly 0 that still touches the head: every process runs the same modules under ZeRO-3."""
-    return (hidden.float().sum() + weight.float().sum()) * 0.0
 
 
 class Trainer:
@@ -84,10 +57,12 @@ class Trainer:
         self.rank, self.world, self.device = eng.init_distributed()
         self.out = Path(cfg.output_dir)
         self.sft_steps = cfg.sft.steps if "sft" in cfg.stage else 0
-        self.phase = Phases()
+        self.phase = Phases(sync=cfg.engine.sync_timings or cfg.engine.nvtx)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
+        # Decided before the model is built: a resumed run takes π_ref from the warm-up's checkpoint.
+        self.resume_from = self._checkpoint_to_resume()
 
         with self.phase("setup/model"):
             self.tokenizer = load_tokenizer(cfg.model.path)
@@ -102,8 +77,7 @@ class Trainer:
             if cfg.model.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        self.eos_ids = stop_ids(model, self.tokenizer)
-        self.counters = Counters()
+        self.stop_ids = stop_ids(model, self.tokenizer)
 
         with self.phase("setup/data"):
             self._build_data(model.config)
@@ -112,34 +86,44 @@ class Trainer:
         self.model = self.engine.module
         self.ref = eng.build_frozen(ref, cfg) if ref is not None else None
         self.step, self.stage = 0, "sft" if "sft" in cfg.stage else "grpo"
+        self.skipped = {"reward": 0}  # this process's failed reward groups, summed over processes when logged
+        self.run_id = checkpoint.new_run_id()
         self._ref_synced = False
-        self._grad_norm = None
 
-        resumed = checkpoint.latest(self.out) if cfg.resume else None
-        if cfg.resume and resumed is None and self.rank == 0:
-            print(f"--resume: no checkpoint under {self.out}/checkpoints, starting fresh", flush=True)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
         self.monitor = Monitor(self.out, enabled=self.rank == 0, wandb_run=cfg.wandb, config=to_dict(cfg),
-                               resume=resumed is not None)
-        if resumed is not None:
-            self._restore(resumed)
+                               resume_step=self.step if self.resume_from is not None else None)
         if self.rank == 0:
             (self.out / "config.yaml").write_text(_yaml(to_dict(cfg)))
         self.monitor.progress(
             f"vcr1: {'tiny embedded default' if cfg.model.path is None else cfg.model.path} | "
             f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params | {self.world} process(es) | "
             f"ZeRO-{cfg.engine.zero_stage} | {len(self.train_samples)} train examples "
-            f"({self.counters.skipped_annotations} malformed skipped) | output {self.out}")
+            f"({self.skipped_annotations} malformed skipped) | output {self.out}")
+        if self.resume_from is not None:
+            self.monitor.progress(f"resumed from {self.resume_from} at step {self.step}")
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint this run continues, per --resume; a run never writes over another run's checkpoints."""
+        mode, found = self.cfg.resume, checkpoint.find_checkpoint(self.out, required=self.cfg.resume == "true")
+        if mode == "auto":
+            return found
+        if mode == "false" and any(checkpoint.is_complete(p) for p in (self.out / "checkpoints").glob("step-*")):
+            raise FileExistsError(f"{self.out}/checkpoints holds an earlier run's checkpoints: --resume auto or "
+                                  "true continues it; or choose another --output_dir")
+        return found if mode == "true" else None
+
     def _initial_ref(self, model):
         """π_ref: the policy as GRPO starts. After a warm-up that is the warm-up's last checkpoint (on resume)
         or a copy taken at the switch (see `_sync_ref`); without one, the loaded model."""
         cfg = self.cfg
         if cfg.grpo.beta == 0 or "grpo" not in cfg.stage:
             return None
-        if self.sft_steps and cfg.resume:
-            warm = self.out / "checkpoints" / checkpoint.protected_name(self.sft_steps)
-            if warm.is_dir():
+        if self.sft_steps and self.resume_from is not None:
+            warm = self.resume_from.parent / checkpoint.protected_name(self.sft_steps)
+            if checkpoint.is_complete(warm) and checkpoint.run_id_of(warm) == checkpoint.run_id_of(self.resume_from):
                 ref = load_model(str(warm), self.tokenizer, dtype=cfg.model.dtype, attn=cfg.model.attn)
                 install_lm_head(ref)
                 return ref.to(self.device)
@@ -167,9 +151,9 @@ class Trainer:
             eng.barrier()
             splits = synthetic_datasets(root, cfg.data, cfg.seed)  # now only reads the manifest
             datasets, eval_datasets = splits["train"], eval_datasets or splits["test"]
-        self.train_samples, bad = load_split(datasets)
-        self.eval_samples, _ = load_split(eval_datasets) if eval_datasets else ([], 0)
-        self.counters.skipped_annotations = bad
+        self.train_samples, bad_train = load_split(datasets)
+        self.eval_samples, bad_eval = load_split(eval_datasets) if eval_datasets else ([], 0)
+        self.skipped_annotations = bad_train + bad_eval
         if not self.train_samples:
             raise ConfigError("no usable training examples in the configured datasets")
         stream = dict(tokenizer=self.tokenizer, model_config=model_config, data_cfg=cfg.data, rank=self.rank,
@@ -185,220 +169,145 @@ class Trainer:
         steps = cfg.epochs * len(self.stream) // per_step
         return max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
 
-    # ---- model passes ------------------------------------------------------------------------------
-    def _hidden(self, model, inputs, completions):
-        return completion_hidden(model, inputs, completions, shared_prefix=self.cfg.engine.shared_prefix)
-
-    def _logprobs(self, model, micro: Micro) -> torch.Tensor:
-        hidden, targets, _ = self._hidden(model, micro.inputs, micro.completions)
-        return model.lm_head(hidden, fn=token_logprobs, targets=targets,
-                             backend=self.cfg.engine.loss_backend).detach()
-
-    def _backward(self, loss, hidden, last_good):
-        """Backward the micro-batch loss, or a zero through a finite forward when any process got NaN."""
-        bad = eng.all_reduce(torch.tensor([float(not torch.isfinite(loss).all())]))
-        if bad.item() > 0:
-            self.counters.skipped_nan += 1
-            log.warning("non-finite loss on %d process(es): micro-batch skipped", int(bad.item()))
-            if eng.all_reduce(torch.tensor([float(not torch.isfinite(hidden).all())])).item() > 0:
-                if last_good is None:
-                    raise RuntimeError("non-finite hidden states before any finite step: the model or data is broken")
-                hidden = self._hidden(self.model, last_good.inputs, last_good.completions)[0]
-            loss = self.model.lm_head(hidden, fn=_zero_loss)
-        with self.phase("policy/backward"):
-            self.engine.backward(loss)
-        with self.phase("optimizer"):
-            if self.engine.is_gradient_accumulation_boundary():
-                self._grad_norm = self._global_grad_norm()
-            self.engine.step()
-        return bad.item() == 0
-
-    def _global_grad_norm(self) -> float | None:
-        """DeepSpeed reports it for ZeRO >= 1; at stage 0 the full gradients are local, so compute it."""
-        if self.cfg.engine.zero_stage > 0:
-            return None
-        grads = [p.grad.float().norm() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else None
-
-    # ---- supervised warm-up ------------------------------------------------------------------------
-    def sft_step(self):
-        cfg, losses = self.cfg, []
+    # ---- the two kinds of step ---------------------------------------------------------------------
+    def sft_step(self, tally: Tally):
+        """One supervised warm-up step: the ground-truth answers' negative log-likelihood."""
+        cfg = self.cfg
         self.model.train()
         for _ in range(cfg.grad_accum):
             with self.phase("data"):
                 examples = self.sft_stream.next_batch(cfg.sft.batch_size)
             answers = [reference_answer(ex.sample, cfg.data.think) for ex in examples]
-            targets = [[torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.eos_ids[0]])]
+            targets = [[torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]])]
                        for a in answers]
             with self.phase("policy/forward"):
-                hidden, ids, cu = self._hidden(self.model, [ex.inputs for ex in examples], targets)
-                logp = self.model.lm_head(hidden, fn=token_logprobs, targets=ids, backend=cfg.engine.loss_backend)
+                hidden, ids, cu = completion_hidden(self.model, [ex.inputs for ex in examples], targets,
+                                                    shared_prefix=cfg.engine.shared_prefix)
+                logp = self.model.lm_head(hidden, fn=token_logprobs, targets=ids, backend=cfg.engine.loss_backend,
+                                          check_values=cfg.engine.check_values)
                 loss = sft_loss(logp, cu.to(logp.device))
-            self._backward(loss, hidden, Micro(examples, targets, torch.zeros(0)))
-            losses.append(loss.item())
-        return {"loss": float(np.mean(losses)), "tokens": int(cu[-1])}
+            self._backward_and_step(loss)
+            tally.mean("loss", [loss.detach()])
+            tally.total("tokens", sum(ex.inputs["input_ids"].shape[1] for ex in examples) + len(ids))
+        return []
 
-    # ---- GRPO --------------------------------------------------------------------------------------
-    def _rollout(self, examples: list, micro: int):
-        g = self.cfg.grpo
-        fn = rollout.generate if self.cfg.engine.fast_rollout else rollout.hf_generate
-        self.model.eval()
-        with torch.no_grad(), eng.gathered(self.model, self.cfg.engine.zero_stage):
-            out = fn(self.model, [ex.inputs for ex in examples], num_samples=g.num_generations,
-                     max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
-                     top_p=g.top_p, eos_token_id=self.eos_ids,
-                     seed=hash((self.cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
-        self.model.train()
-        return [[c.token_ids.cpu() for c in group] for group in out]
+    def grpo_step(self, tally: Tally):
+        """One GRPO step: sample G completions per prompt, score them, turn rewards into group-relative
+        advantages, take π_old / π_ref log-probs, then μ updates of the clipped policy loss."""
+        cfg, g = self.cfg, self.cfg.grpo
+        with self.phase("data"):
+            draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
+        with self.phase("rollout"), eng.generation_weights(self.engine, cfg.engine.zero_stage):
+            rolled = [grpo.rollout_groups(self.model, examples, g, stop_ids=self.stop_ids, fast=cfg.engine.fast_rollout,
+                                          seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
+                      for micro, examples in enumerate(draws)]
+        with self.phase("rewards"):
+            scored = [grpo.score_groups(groups, self.tokenizer, g, think=cfg.data.think) for groups in rolled]
+        self.skipped["reward"] += sum(s.failed for s in scored)
 
-    def _score(self, examples, completions, stats: dict) -> Micro:
-        """Rewards of every completion; a group whose reward throws is dropped and counted."""
-        keep_ex, keep_comp, rewards = [], [], []
-        for ex, group in zip(examples, completions):
-            task = ex.sample.task
-            try:
-                texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in group]
-                parts = [score(task, t, ex.sample.solution, think=self.cfg.data.think) for t in texts]
-            except Exception as e:  # a malformed solution or a reward bug must not end the run
-                self.counters.skipped_reward += 1
-                log.warning("reward failed on %s: %r; group skipped", ex.sample.uid, e)
-                continue
-            totals = [total_reward(p, self.cfg.grpo.reward_weights) for p in parts]
-            keep_ex.append(ex)
-            keep_comp.append(group)
-            rewards += totals
-            for p, total in zip(parts, totals):
-                for k, v in {**p, "total": total}.items():
-                    stats.setdefault(f"reward/{task}/{k}", []).append(v)
-            if len(stats.setdefault("_samples", [])) < 4:
-                stats["_samples"].append({"uid": ex.sample.uid, "task": task, "completion": texts[0],
-                                          "reward": totals[0], "solution": ex.sample.solution})
-        return Micro(keep_ex, keep_comp, torch.tensor(rewards, dtype=torch.float32))
-
-    def grpo_step(self):
-        cfg, g, stats = self.cfg, self.cfg.grpo, {}
-        micros = []
-        for micro in range(cfg.grad_accum):
-            with self.phase("data"):
-                examples = self.stream.next_batch(cfg.prompts_per_step)
-            with self.phase("rollout"):
-                completions = self._rollout(examples, micro)
-            with self.phase("rewards"):
-                micros.append(self._score(examples, completions, stats))
-
-        # Advantages: per group, or against the std of the whole batch across processes.
-        all_rewards = torch.cat([m.rewards for m in micros])
-        batch_std = None
-        if g.scale_rewards == "batch":
-            gathered = torch.cat([r for r in eng.all_gather_objects(all_rewards) if r.numel()])
-            batch_std = gathered.std() if gathered.numel() > 1 else torch.tensor(0.0)
-        for m in micros:
-            m.advantages = group_advantages(m.rewards, g.num_generations, g.scale_rewards, batch_std)
-        lengths = [len(c) for m in micros for group in m.completions for c in group]
-        # dapo normalises by the token count of the whole step, across micro-batches and processes.
-        normalizer = eng.all_reduce(torch.tensor([float(sum(lengths))])).item() if g.loss_type == "dapo" else None
-
+        batch_std = self._batch_std([s.groups for s in scored]) if g.scale_rewards == "batch" else None
+        batches = [grpo.with_advantages(s.groups, g, batch_std) for s in scored]
+        passes = dict(shared_prefix=cfg.engine.shared_prefix, backend=cfg.engine.loss_backend,
+                      check_values=cfg.engine.check_values)
         with self.phase("ref+old_logprobs"):
-            for m in micros:
-                if not m.examples:
-                    continue
-                if self.ref is not None:
-                    with torch.no_grad():
-                        m.ref_logprobs = self._logprobs(self.ref, m)
-                if g.num_iterations > 1:
-                    with torch.no_grad():
-                        m.old_logprobs = self._logprobs(self.model, m)
+            batches = [grpo.with_logprobs(b, old=self.model if g.num_iterations > 1 else None, ref=self.ref, **passes)
+                       for b in batches]
 
-        losses, kls, clips, entropies, last_good = [], [], [], [], None
-        for _ in range(g.num_iterations):
-            for m in micros:
-                with self.phase("policy/forward"):
-                    loss, hidden, st = self._policy_loss(m, last_good, normalizer)
-                if self._backward(loss, hidden, last_good) and m.examples:
-                    last_good = m
-                    losses.append(loss.item())
-                    kls.append(float(st["kl"]))
-                    clips.append(float(st["clip_ratio"]))
-                    entropies.append(float(st["entropy"]))
-
-        row = {"loss": _mean(losses), "kl": _mean(kls), "clip_ratio": _mean(clips), "entropy": _mean(entropies),
-               "completion_length": _global_mean(lengths),
-               "reward": _global_mean(all_rewards.tolist())}
-        keys = sorted({k for s in eng.all_gather_objects(sorted(k for k in stats if k.startswith("reward/")))
-                       for k in s})
-        for k in keys:
-            row[k] = _global_mean(stats.get(k, []))
-        prompt_tokens = sum(ex.inputs["input_ids"].shape[1] for m in micros for ex in m.examples)
-        row["tokens"] = int(eng.all_reduce(torch.tensor([float(prompt_tokens + sum(lengths))])).item())
-        return row, stats.get("_samples", [])
-
-    def _policy_loss(self, m: Micro, last_good, normalizer):
-        g = self.cfg.grpo
-        if not m.examples:  # every group's reward failed: step with a zero loss through a good batch
-            src = last_good or m
-            if not src.examples:
-                raise RuntimeError("first micro-batch has no scorable group")
-            hidden = self._hidden(self.model, src.inputs, src.completions)[0]
-            return self.model.lm_head(hidden, fn=_zero_loss), hidden, {}
-        hidden, targets, cu = self._hidden(self.model, m.inputs, m.completions)
-        loss, st = self.model.lm_head(
-            hidden, fn=grpo_loss, targets=targets, cu_seqlens=cu, advantages=m.advantages.to(hidden.device),
-            old_logprobs=m.old_logprobs, ref_logprobs=m.ref_logprobs, beta=g.beta, epsilon_low=g.epsilon_low,
-            epsilon_high=g.epsilon_high, delta=g.delta, temperature=g.temperature, loss_type=g.loss_type,
-            max_completion_length=g.max_completion_length, normalizer=normalizer, backend=self.cfg.engine.loss_backend)
+        normalizer, scale = None, 1.0
         if g.loss_type == "dapo":
-            # DeepSpeed averages over processes and accumulation steps; dapo's normaliser is already global.
-            loss = loss * self.world * self.cfg.grad_accum
-        return loss, hidden, st
+            # dapo divides by the step's token count over every micro-batch and process; DeepSpeed then
+            # averages gradients over both, which `scale` undoes.
+            normalizer = eng.sum_floats([sum(sum(b.lengths) for b in batches if b.weight)])[0] or 1.0
+            scale = self.world * cfg.grad_accum
+        for _ in range(g.num_iterations):
+            for b in batches:
+                with self.phase("policy/forward"):
+                    loss, stats = grpo.policy_loss(self.model, b, g, normalizer=normalizer, scale=scale, **passes)
+                self._backward_and_step(loss)
+                for key, value in (("loss", loss.detach()), *((k, stats[k]) for k in ("kl", "clip_ratio", "entropy"))):
+                    tally.mean(key, [value] if b.weight else [])  # a step of unscorable groups logs None
+
+        for s in scored:
+            for key, values in s.components.items():
+                tally.mean(key, values)
+            tally.mean("reward", s.groups.rewards.tolist() if s.groups.weight else [])
+            tally.mean("completion_length", s.groups.lengths)
+        tally.total("tokens", sum(b.prompt_tokens + sum(b.lengths) for b in batches))
+        return [sample for s in scored for sample in s.samples][:4]
+
+    def _batch_std(self, batches: list) -> torch.Tensor:
+        """Std of the step's rewards over every process (scale_rewards batch)."""
+        local = torch.cat([b.rewards for b in batches if b.weight] or [torch.zeros(0)])
+        rewards = torch.cat(eng.all_gather_objects(local))
+        return rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
+
+    def _backward_and_step(self, loss):
+        """Backward one micro-batch; DeepSpeed applies the optimizer after every grad_accum of them, and
+        skips (and counts in engine.skipped_steps) a step whose gradients are not finite on any process."""
+        with self.phase("policy/backward"):
+            self.engine.backward(loss)
+        with self.phase("optimizer"):
+            self.engine.step()
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self):
-        cfg = self.cfg
-        sft_steps = self.sft_steps
-        total = sft_steps + self.grpo_steps
-        while self.step < total:
-            self.stage = "sft" if self.step < sft_steps else "grpo"
-            if self.step == sft_steps and sft_steps and not self._ref_synced:
-                self._sync_ref()
-            t0 = time.perf_counter()
-            if self.stage == "sft":
-                row, samples = self.sft_step(), []
-            else:
-                row, samples = self.grpo_step()
-            self.step += 1
-            dt = time.perf_counter() - t0
-            grad_norm = self._grad_norm if cfg.engine.zero_stage == 0 else self.engine.get_global_grad_norm()
-            row = {"step": self.step, "stage": self.stage, **row, "lr": self.engine.get_lr()[0],
-                   "grad_norm": _float(grad_norm), "step_time": round(dt, 3),
-                   "tokens_per_s": round(row.pop("tokens") / dt, 1), **self._skips(), **self.phase.pop()}
-            self.monitor.log(row)
-            if samples and (self.step - sft_steps) % cfg.samples_every in (0, 1):
-                self.monitor.log_samples(self.step, samples)
-            if self.step % cfg.log_every == 0 or self.step == total:
-                self.monitor.progress(_progress_line(row, total))
-            grpo_step = self.step - sft_steps
-            if self.stage == "grpo" and cfg.eval_every and grpo_step % cfg.eval_every == 0:
-                self.evaluate()
-            if self.step == total or (self.stage == "grpo" and grpo_step % cfg.save_every == 0) \
-                    or self.step == sft_steps:
-                self.save()
+        """Train to the end, or until SIGTERM/SIGINT: then every process finishes its step, saves and returns."""
+        cfg, total = self.cfg, self.sft_steps + self.grpo_steps
+        last_save = time.monotonic()
+        with StopSignals() as signals:
+            while self.step < total:
+                self.stage = "sft" if self.step < self.sft_steps else "grpo"
+                if self.step == self.sft_steps and self.sft_steps and not self._ref_synced:
+                    self._sync_ref()
+                t0, tally = time.perf_counter(), Tally()
+                samples = self.sft_step(tally) if self.stage == "sft" else self.grpo_step(tally)
+                self.step += 1
+                row = self._log_step(tally, samples, time.perf_counter() - t0, total)
+                grpo_step = self.step - self.sft_steps
+                if self.stage == "grpo" and cfg.eval_every and grpo_step % cfg.eval_every == 0:
+                    self.evaluate()
+                # Rank 0's clock decides, and every process learns both verdicts in one collective.
+                overdue = self.rank == 0 and 0 < cfg.save_minutes * 60 < time.monotonic() - last_save
+                stop, overdue = eng.any_process(signals.received is not None, overdue)
+                if (stop or overdue or self.step in (total, self.sft_steps)
+                        or (self.stage == "grpo" and grpo_step % cfg.save_every == 0)):
+                    self.save()
+                    last_save = time.monotonic()
+                if stop:
+                    self.monitor.progress(f"stopped by a signal after step {row['step']}: resume with --resume true")
+                    break
         self.monitor.close()
-        self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, plot in {self.out / 'reward_curve.png'}")
+        if self.step == total:
+            self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "
+                                  f"plot in {self.out / 'reward_curve.png'}")
 
-    def _skips(self) -> dict:
-        c = self.counters
-        local = [self.stream.skipped_media + self.sft_stream.skipped_media, c.skipped_reward,
-                 decode_stats["cuda_fallback"]]
-        media, reward, fallback = map(int, eng.all_reduce(torch.tensor(local, device=self.device)).tolist())
-        return {"skipped/media": media, "skipped/annotations": c.skipped_annotations, "skipped/reward": reward,
-                "skipped/nan": c.skipped_nan, "decode/cuda_fallback": fallback}
+    def _log_step(self, tally: Tally, samples: list, seconds: float, total: int) -> dict:
+        """The step's row of metrics.jsonl: every value reduced over all processes, in one collective."""
+        local_skips = {"skipped/media": self.stream.skipped_media + self.sft_stream.skipped_media,
+                       "skipped/reward": self.skipped["reward"],
+                       "decode/cuda_fallback": decode_stats["cuda_fallback"]}
+        for key, value in local_skips.items():
+            tally.total(key, value)
+        row = {"step": self.step, "stage": self.stage, **tally.reduce()}
+        tokens = row.pop("tokens")
+        row.update({"lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
+                    "step_time": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+                    "skipped/annotations": self.skipped_annotations, "skipped/nan": self.engine.skipped_steps,
+                    **{k: int(row[k]) for k in local_skips}, **self.phase.pop()})
+        self.monitor.log(row)
+        if samples and (self.step - self.sft_steps) % self.cfg.samples_every in (0, 1):
+            self.monitor.log_samples(self.step, samples)
+        if self.step % self.cfg.log_every == 0 or self.step == total:
+            self.monitor.progress(_progress_line(row, total))
+        return row
 
     def evaluate(self):
         from vcr1.eval import evaluate
 
         if not self.eval_samples:
             return
-        with self.phase("eval"), eng.gathered(self.model, self.cfg.engine.zero_stage):
+        zero = self.cfg.engine.zero_stage
+        with self.phase("eval"), eng.generation_weights(self.engine, zero):
             samples = balanced_subset(self.eval_samples, self.cfg.eval_limit)
             result = evaluate(self.model, self.tokenizer, samples, cfg=self.cfg, rank=self.rank, world=self.world,
                               device=self.device)
@@ -409,36 +318,79 @@ class Trainer:
         self.monitor.progress("eval " + " ".join(f"{k}={v:.3g}" for k, v in row.items()
                                                  if k.startswith("eval/") and isinstance(v, float)))
 
+    # ---- checkpoints -------------------------------------------------------------------------------
     def save(self):
         with self.phase("checkpoint"):
-            state = {"step": self.step, "skipped_nan": self.counters.skipped_nan,
-                     "skipped_reward": self.counters.skipped_reward}
-            rank_state = {"stream": self.stream.state(), "sft_stream": self.sft_stream.state()}
+            self.monitor.sync()  # the rows up to this checkpoint are on disk with it
+            rank_state = {"stream": self.stream.state(), "sft_stream": self.sft_stream.state(),
+                          "skipped": dict(self.skipped)}
             path = checkpoint.save(self.out, self.step, engine=self.engine, tokenizer=self.tokenizer,
-                                   zero_stage=self.cfg.engine.zero_stage, rank=self.rank, trainer_state=state,
-                                   rank_state=rank_state, model_src=self.cfg.model.path,
+                                   zero_stage=self.cfg.engine.zero_stage, rank=self.rank,
+                                   trainer_state={"step": self.step}, rank_state=rank_state,
+                                   model_src=self.cfg.model.path, run_id=self.run_id,
                                    keep=self.cfg.keep_checkpoints, protect=self.sft_steps)
         self.monitor.progress(f"checkpoint {path}")
 
     def _restore(self, path: Path):
         state, rank_state = checkpoint.load(path, engine=self.engine, rank=self.rank)
-        self.step = state["step"]
+        self.step, self.run_id = state["step"], state.get("run_id") or self.run_id
         self._ref_synced = self.step > self.sft_steps  # π_ref was rebuilt from the warm-up checkpoint
-        self.counters.skipped_nan = state["skipped_nan"]
-        self.counters.skipped_reward = state["skipped_reward"] if self.rank == 0 else 0
+        self.skipped.update(rank_state["skipped"])
         self.stream.load_state(rank_state["stream"])
         self.sft_stream.load_state(rank_state["sft_stream"])
-        self.monitor.progress(f"resumed from {path} at step {self.step}")
 
 
-def _mean(xs) -> float | None:
-    return float(np.mean(xs)) if len(xs) else None
+class Tally:
+    """A step's metrics on this process - means of values, sums of totals - reduced over every process
+    in one collective (`reduce`), so each logged number covers the whole step, not one process's share."""
+
+    def __init__(self):
+        self.sums, self.counts, self.totals = defaultdict(float), defaultdict(int), defaultdict(float)
+
+    def mean(self, key: str, values):
+        self.counts[key] += len(values)
+        self.sums[key] += sum(float(v) for v in values)  # tensors are read here, after the step's work
+
+    def total(self, key: str, value: float):
+        self.totals[key] += float(value)
+
+    def reduce(self) -> dict:
+        sums, counts, totals = defaultdict(float), defaultdict(int), defaultdict(float)
+        for part_sums, part_counts, part_totals in eng.all_gather_objects(
+                (dict(self.sums), dict(self.counts), dict(self.totals))):
+            for k, v in part_sums.items():
+                sums[k] += v
+            for k, v in part_counts.items():
+                counts[k] += v
+            for k, v in part_totals.items():
+                totals[k] += v
+        means = {k: sums[k] / counts[k] if counts[k] else None for k in sorted(counts)}
+        return {**means, **dict(sorted(totals.items()))}
 
 
-def _global_mean(xs) -> float | None:
-    """Mean over every process's values (each process may hold a different number)."""
-    s = eng.all_reduce(torch.tensor([float(sum(xs)), float(len(xs))], dtype=torch.float64))
-    return float(s[0] / s[1]) if s[1] > 0 else None
+class StopSignals:
+    """Within the block, SIGTERM and SIGINT are remembered (`received`) instead of ending the process, so
+    the run can finish its step and save. A second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step's checkpoint", self.received)
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _float(x) -> float | None:
@@ -470,7 +422,11 @@ def main(argv=None):
     except ConfigError as e:
         print(f"vcr1: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (FileNotFoundError, FileExistsError) as e:  # --resume true with no checkpoint; false over one
+        print(f"vcr1: {e}", file=sys.stderr)
+        sys.exit(2)
     trainer.run()
     return trainer
 

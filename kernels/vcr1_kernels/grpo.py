@@ -13,7 +13,7 @@ MAX_LOG_RATIO = 20.0  # clamp log-ratios before exp, as verl does: exp(20) is la
 
 def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None, ref_logprobs=None, *,
               beta=0.04, epsilon_low=0.2, epsilon_high=0.2, delta=None, temperature=1.0, loss_type="grpo",
-              max_completion_length=None, normalizer=None, backend="auto"):
+              max_completion_length=None, normalizer=None, backend="auto", check_values=True):
     """GRPO loss of B packed completions and detached stats ("kl", "clip_ratio", "entropy").
 
     hidden [N, H] holds the completion tokens of B sequences back to back, split by cu_seqlens [B+1];
@@ -23,22 +23,23 @@ def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None
     when set. Aggregation: grpo = mean over sequences of token means; bnpo = token mean;
     dr_grpo = sum / (B * max_completion_length); dapo = sum / normalizer (default: N tokens; pass
     the global token count when the batch is split over micro-batches or processes).
+    check_values=False skips the checks that read tensor values (host syncs); see token_logprobs.
     """
     logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True,
-                                   backend=backend)
+                                   backend=backend, check_values=check_values)
     return grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs, ref_logprobs, entropy=entropy,
                                    beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                                    loss_type=loss_type, max_completion_length=max_completion_length,
-                                   normalizer=normalizer)
+                                   normalizer=normalizer, check_values=check_values)
 
 
 def grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs=None, ref_logprobs=None, *, entropy=None,
                             beta=0.04, epsilon_low=0.2, epsilon_high=0.2, delta=None, loss_type="grpo",
-                            max_completion_length=None, normalizer=None):
+                            max_completion_length=None, normalizer=None, check_values=True):
     """`grpo_loss` from per-token log-probs logp [N] already computed (stats get "entropy" only when
     the per-token entropy is given)."""
     _validate(logp.shape[0], cu_seqlens, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high,
-              delta, loss_type, max_completion_length, normalizer)
+              delta, loss_type, max_completion_length, normalizer, check_values)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     n_seqs, n_tokens = lengths.numel(), logp.shape[0]
     adv = torch.repeat_interleave(advantages.float(), lengths, output_size=n_tokens)
@@ -74,14 +75,14 @@ def grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs=None, ref
 
 
 def _validate(n_tokens, cu_seqlens, advantages, old_logprobs, ref_logprobs, epsilon_low, epsilon_high, delta,
-              loss_type, max_completion_length, normalizer):
+              loss_type, max_completion_length, normalizer, check_values):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if loss_type == "dr_grpo" and not (isinstance(max_completion_length, int) and max_completion_length > 0):
         raise ValueError("loss_type 'dr_grpo' needs a positive integer max_completion_length")
     if normalizer is not None and loss_type != "dapo":
         raise ValueError(f"normalizer only applies to loss_type 'dapo', not {loss_type!r}")
-    if normalizer is not None and not torch.all(torch.as_tensor(normalizer) > 0):
+    if check_values and normalizer is not None and not torch.all(torch.as_tensor(normalizer) > 0):
         raise ValueError(f"normalizer must be positive, got {normalizer!r}")
     if not 0 <= epsilon_low < 1 or epsilon_high < 0:
         raise ValueError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low}, {epsilon_high}")
@@ -90,7 +91,7 @@ def _validate(n_tokens, cu_seqlens, advantages, old_logprobs, ref_logprobs, epsi
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} "
                          f"{tuple(cu_seqlens.shape)}")
-    if bool((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n_tokens) | (cu_seqlens.diff() < 0).any()):
+    if check_values and bool((cu_seqlens[0] != 0) | (cu_seqlens[-1] != n_tokens) | (cu_seqlens.diff() < 0).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the {n_tokens} tokens, got {cu_seqlens.tolist()}")
     if advantages.shape != (cu_seqlens.numel() - 1,) or not advantages.is_floating_point():
         raise ValueError(f"advantages must be float [{cu_seqlens.numel() - 1}] (one per sequence), got "

@@ -222,7 +222,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None
 
 
-def _validate(hidden, weight, targets, temperature, backend):
+def _validate(hidden, weight, targets, temperature, backend, check_values):
     if backend not in LM_HEAD_BACKENDS:
         raise ValueError(f"backend must be one of {LM_HEAD_BACKENDS}, got {backend!r}")
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
@@ -245,19 +245,21 @@ def _validate(hidden, weight, targets, temperature, backend):
         raise ValueError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                          "imported to run on CPU")
     # A host sync, but an out-of-range target would otherwise give a silently wrong log-prob.
-    if ((targets < 0) | (targets >= weight.shape[0])).any():
+    if check_values and ((targets < 0) | (targets >= weight.shape[0])).any():
         raise ValueError(f"targets must lie in [0, {weight.shape[0]})")
 
 
-def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto"):
+def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False, backend="auto",
+                   check_values=True):
     """log softmax(hidden @ weight.T / temperature) at `targets`, as fp32 [N] (and the entropy [N]).
 
     hidden [N, H] and weight [V, H] share a float dtype; targets [N] int64. Differentiable in hidden
     and weight (no weight gradient is computed when weight.requires_grad is False); the entropy is a
     detached diagnostic. backend "triton" never forms [N, V]; "torch" is the plain reference; "auto"
-    picks Triton on CUDA.
+    picks Triton on CUDA. check_values=False skips the one check that reads tensor values (targets in
+    range), a host sync; shapes, dtypes and devices are always checked.
     """
-    _validate(hidden, weight, targets, temperature, backend)
+    _validate(hidden, weight, targets, temperature, backend, check_values)
     if backend == "torch" or (backend == "auto" and not hidden.is_cuda):
         return token_logprobs_reference(hidden, weight, targets, temperature, return_entropy)
     return _TokenLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),

@@ -28,6 +28,8 @@ Formats:
                 ("start" defaults to the first box)
       gqa:      fields {"question": str, "options": [str]}     solution {"answer": "(C)", "glue": [[s, e], ...]}
       mcq:      fields {"question": str, "options": [str]}     solution {"answer": "(B)"}
+  A solution must pass the rewards' check (vcr1.rewards.validate_solution): finite numbers, spans with
+  start <= end, exactly 8 boxes, a non-empty glue list, an answer letter among the options.
   uid defaults to "<file stem>:<line number>"; a line's "task" overrides the `task` argument.
 """
 from __future__ import annotations
@@ -35,10 +37,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 
 from vcr1.prompts import TASKS
+from vcr1.rewards import is_box, is_number, validate_solution
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,6 @@ FORMATS = ("charades", "nextgqa", "got10k", "jsonl")
 FORMAT_TASKS = {"charades": ("tg",), "nextgqa": ("gqa", "mcq"), "got10k": ("tracking",), "jsonl": TASKS}
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
 SPLIT_FOLDERS = ("train", "val", "test")
-TRACKING_BOXES = 8
 JSONL_KEYS = {"task", "video", "fields", "solution", "uid", "duration", "start", "end"}
 
 
@@ -71,36 +72,23 @@ class Sample:
 
 # ---------------------------------------------------------------- validation
 
-def _is_num(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
-
-
-def _check_span(span, what: str) -> None:
-    if not (isinstance(span, list) and len(span) == 2 and all(_is_num(v) for v in span)):
-        raise ValueError(f"{what} must be [start, end] numbers, got {span!r}")
-
-
-def _check_box(box, what: str) -> None:
-    if not (isinstance(box, list) and len(box) == 4 and all(_is_num(v) for v in box)):
-        raise ValueError(f"{what} must be [x0, y0, x1, y1] numbers, got {box!r}")
-
-
 def _check_str(x, what: str) -> None:
     if not isinstance(x, str) or not x.strip():
         raise ValueError(f"{what} must be a non-empty string, got {x!r}")
 
 
-def _check_choice(fields: dict, solution: dict) -> None:
-    _check_str(fields.get("question"), "question")
-    options = fields.get("options")
-    if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
-        raise ValueError(f"options must be a non-empty list of strings, got {options!r}")
-    _check_str(solution.get("answer"), "answer")
+def _check_seconds(x, what: str) -> None:
+    if x is not None and not is_number(x):
+        raise ValueError(f"{what} must be a finite number of seconds, got {x!r}")
 
 
 def validate(sample: Sample) -> Sample:
-    """Raise ValueError naming what is wrong with `sample`; return it unchanged when it is usable."""
-    f, s = sample.fields, sample.solution
+    """Raise ValueError naming what is wrong with `sample`; return it unchanged when it is usable.
+
+    The solution is checked by the rewards' own rule (vcr1.rewards.validate_solution, with the
+    sample's options), so a sample that loads never makes a reward raise.
+    """
+    f = sample.fields
     if sample.task not in TASKS:
         raise ValueError(f"unknown task {sample.task!r} (expected one of {TASKS})")
     video = sample.video
@@ -108,27 +96,23 @@ def validate(sample: Sample) -> Sample:
     is_frames = isinstance(video, list) and video and all(isinstance(v, str) and v for v in video)
     if not (is_path or is_frames):
         raise ValueError(f"video must be a path or a list of frame paths, got {sample.video!r}")
+    options = None
     if sample.task == "tg":
         _check_str(f.get("event"), "event")
-        _check_span(s.get("span"), "span")
     elif sample.task == "tracking":
         _check_str(f.get("object"), "object")
-        _check_box(f.get("start"), "start")
-        boxes = s.get("boxes")
-        if not (isinstance(boxes, list) and len(boxes) == TRACKING_BOXES):
-            raise ValueError(f"boxes must be {TRACKING_BOXES} boxes, got {boxes!r}")
-        for box in boxes:
-            _check_box(box, "box")
+        if not is_box(f.get("start")):
+            raise ValueError(f"start must be [x0, y0, x1, y1] of finite numbers, got {f.get('start')!r}")
     else:
-        _check_choice(f, s)
-        if sample.task == "gqa":
-            glue = s.get("glue")
-            if not (isinstance(glue, list) and glue):
-                raise ValueError(f"glue must be a non-empty list of spans, got {glue!r}")
-            for span in glue:
-                _check_span(span, "glue span")
-    if sample.duration is not None and not (_is_num(sample.duration) and sample.duration > 0):
-        raise ValueError(f"duration must be a positive number, got {sample.duration!r}")
+        _check_str(f.get("question"), "question")
+        options = f.get("options")
+        if not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
+            raise ValueError(f"options must be a non-empty list of strings, got {options!r}")
+    validate_solution(sample.task, sample.solution, options)
+    for name in ("duration", "start", "end"):
+        _check_seconds(getattr(sample, name), name)
+    if sample.duration is not None and sample.duration <= 0:
+        raise ValueError(f"duration must be positive, got {sample.duration!r}")
     if sample.start is not None or sample.end is not None:
         if is_frames:
             raise ValueError("start/end apply to video files, not to frame lists")
