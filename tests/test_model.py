@@ -54,10 +54,11 @@ def test_prompt_positions_prefer_given_ones_and_answers_continue_at_max_plus_one
 
 
 def test_stop_ids_unite_tokenizer_generation_and_text_configs():
-    tokenizer = SimpleNamespace(eos_token_id=7, convert_tokens_to_ids=lambda token: {"<|endoftext|>": 8}[token])
+    tokenizer = SimpleNamespace(eos_token_id=7, unk_token_id=None,
+                                convert_tokens_to_ids=lambda token: {"<|endoftext|>": 8, "<|im_end|>": 9}[token])
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[6, 5]),
                             config=SimpleNamespace(text_config=SimpleNamespace(eos_token_id=6)))
-    assert stop_ids(model, tokenizer) == [5, 6, 7, 8]
+    assert stop_ids(model, tokenizer) == [5, 6, 7, 8, 9]  # 9: the end of the chat turn
     assert stop_ids(model) == [5, 6]
     bare = SimpleNamespace(generation_config=None, config=SimpleNamespace(text_config=SimpleNamespace()))
     with pytest.raises(ValueError, match="no stop token"):

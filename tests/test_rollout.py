@@ -217,3 +217,26 @@ def test_cuda_graphs_match_eager():
     a, b = (StaticCacheEngine(model).generate(prompts, sampled) for _ in range(2))
     assert [[c.token_ids.tolist() for c in g] for g in a] == [[c.token_ids.tolist() for c in g] for g in b]
 
+
+
+def test_prompts_sharing_a_video_encode_it_once(model, prompts):
+    """Two prompts holding one decoded clip (one pixel tensor): the vision tower runs once for both, and
+    the completions equal those of the same prompts with the clip copied (the tower run per prompt)."""
+    first = prompts[0]
+    t, h, w = first["video_grid_thw"][0].tolist()
+    twin = make_prompt(9, t, h, w, 2.0, model.config, seed=5)
+    twin["pixel_values_videos"] = first["pixel_values_videos"]
+    copied = dict(twin, pixel_values_videos=first["pixel_values_videos"].clone())
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        shared = generate(model, [first, twin, prompts[1]], num_samples=2, max_new_tokens=6, seed=3)
+        shared_calls, calls[:] = list(calls), []
+        separate = generate(model, [first, copied, prompts[1]], num_samples=2, max_new_tokens=6, seed=3)
+    finally:
+        hook.remove()
+    patches = [first["pixel_values_videos"].shape[0], prompts[1]["pixel_values_videos"].shape[0]]
+    assert shared_calls == patches and calls == [patches[0], *patches]
+    for s_group, c_group in zip(shared, separate):
+        for s, c in zip(s_group, c_group):
+            assert torch.equal(s.token_ids, c.token_ids) and torch.equal(s.logprobs, c.logprobs)

@@ -20,7 +20,8 @@ from vcr1.data.video import load_video
 from vcr1_testing import REPO
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
-         "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1"]
+         "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1",
+         "--eval_before_after", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -409,3 +410,21 @@ def test_one_prompt_per_process_survives_bad_ground_truth(tmp_path, synthetic, m
     assert steps[0]["loss"] is not None and steps[2]["loss"] is not None
     assert sum(r["eval/tg/malformed"] for r in evals) == 1
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_before_after_evaluation_is_logged_tabled_and_plotted(tmp_path, synthetic, capsys):
+    """--eval_before_after: the held-out split is evaluated on the policy GRPO starts from (after the
+    warm-up) and on the final one, logged as eval rows, printed as a table and drawn beside the rewards."""
+    from PIL import Image
+
+    out = tmp_path / "o"
+    _run(_args(out, synthetic, "--max_steps", "2", "--eval_before_after", "true", "--eval_limit", "3"))
+    evals = [r for r in _metrics(out) if r["stage"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]  # warm-up of 2 steps, then 2 GRPO steps
+    assert all({"eval/tg/mIoU", "eval/tracking/AO", "eval/gqa/acc", "eval/gqa/mIoU"} <= set(r) for r in evals)
+    printed = capsys.readouterr().out
+    table = printed[printed.index("before GRPO"):]
+    for name, key in (("tg mIoU", "eval/tg/mIoU"), ("tracking AO", "eval/tracking/AO"), ("gqa acc", "eval/gqa/acc")):
+        line = next(line for line in table.splitlines() if name in line)
+        assert f"{evals[0][key]:.1f}" in line and f"{evals[1][key]:.1f}" in line
+    assert Image.open(out / "reward_curve.png").size[0] == 1200  # the second panel holds the comparison

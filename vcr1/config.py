@@ -146,6 +146,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     eval_every: int = opt(0, "evaluate on the held-out split every N GRPO steps (0 = off)")
     eval_limit: int = opt(64, "held-out examples per evaluation")
+    eval_before_after: bool = opt(False, "evaluate on the held-out split when GRPO starts and when it ends, "
+                                         "and print a before/after table")
     log_every: int = opt(1, "print progress every N steps")
     samples_every: int = opt(10, "write sample completions every N steps")
     resume: str = opt("auto", "continue from the checkpoint output_dir/checkpoints/latest names: auto (start "
@@ -179,6 +181,7 @@ TINY_PRESET = {
     "max_steps": 80,
     "epochs": 100,  # max_steps decides the length
     "save_every": 40,
+    "eval_before_after": True,
     "samples_every": 10,
 }
 

@@ -111,18 +111,21 @@ def with_advantages(groups: Groups, g, batch_std: torch.Tensor | None = None) ->
     return dataclasses.replace(groups, advantages=adv * groups.weight)
 
 
-def completion_logprobs(model, groups: Groups, *, shared_prefix: bool, backend: str,
+def completion_logprobs(model, groups: Groups, *, temperature: float, shared_prefix: bool, backend: str,
                         check_values: bool = True) -> torch.Tensor:
-    """log π(token) of every completion token under `model`, detached (for π_old and π_ref)."""
+    """log softmax(logits / temperature) of every completion token under `model`, detached (π_old, π_ref)."""
     with torch.no_grad():
         hidden, targets, _ = completion_hidden(model, groups.inputs, groups.completions, shared_prefix=shared_prefix)
-        return model.lm_head(hidden, fn=token_logprobs, targets=targets, backend=backend, check_values=check_values)
+        return model.lm_head(hidden, fn=token_logprobs, targets=targets, temperature=temperature, backend=backend,
+                             check_values=check_values)
 
 
-def with_logprobs(groups: Groups, *, old=None, ref=None, shared_prefix: bool, backend: str,
+def with_logprobs(groups: Groups, g, *, old=None, ref=None, shared_prefix: bool, backend: str,
                   check_values: bool = True) -> Groups:
-    """The batch with π_old's log-probs (pass the policy when μ > 1) and π_ref's (when β > 0)."""
-    kw = dict(shared_prefix=shared_prefix, backend=backend, check_values=check_values)
+    """The batch with π_old's log-probs (pass the policy when μ > 1) and π_ref's (when β > 0), at the
+    sampling temperature as the policy loss takes its own: the first ratio is then exactly 1 and the KL
+    compares like with like."""
+    kw = dict(temperature=g.temperature, shared_prefix=shared_prefix, backend=backend, check_values=check_values)
     return dataclasses.replace(
         groups,
         old_logprobs=None if old is None else completion_logprobs(old, groups, **kw),

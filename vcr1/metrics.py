@@ -9,6 +9,8 @@ import json
 from vcr1 import rewards
 from vcr1.prompts import TASKS
 
+# The metric each task is reported by first (the before/after table and plot); spec §5.
+HEADLINE = {"tg": ("mIoU",), "tracking": ("AO",), "gqa": ("acc", "mIoU"), "mcq": ("acc",)}
 TG_THRESHOLDS = (0.3, 0.5, 0.7)
 TRACK_RECALL = (0.5, 0.7)       # % sequences whose mean IoU >= threshold (not in the released code)
 TRACK_SUCCESS = (0.5, 0.75)     # GOT-10k success rate: % frames whose IoU > threshold (strict)

@@ -108,12 +108,23 @@ def mm_token_type_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
     return (input_ids == config.video_token_id).int() * 2
 
 
+END_OF_TURN = "<|im_end|>"  # how Qwen's chat template closes every turn, the assistant's included
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn: what a complete answer ends with (see `stop_ids`)."""
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {END_OF_TURN} token")
+    return token_id
+
+
 def stop_ids(model, tokenizer=None) -> list[int]:
     """The token ids that end a completion: the end of the chat turn and <|endoftext|> (when the tokenizer
     is given), and the eos ids of the checkpoint's generation config and text config."""
     ids = set()
     if tokenizer is not None:
-        ids |= {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+        ids |= {end_of_turn_id(tokenizer), tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
     for source in (getattr(model, "generation_config", None), model.config.text_config):
         extra = getattr(source, "eos_token_id", None)
         ids |= set(extra if isinstance(extra, (list, tuple)) else [extra])

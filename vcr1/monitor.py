@@ -99,8 +99,51 @@ def _keep_until(path: Path, step: int):
     write_atomic(path, "".join(kept))
 
 
+def _eval_rows(metrics_path: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if r.get("stage") == "eval"}
+
+
+def before_after(metrics_path: Path, start: int, end: int) -> list[tuple[str, float, float]]:
+    """(task metric, before, after) of each headline metric: the eval rows at GRPO's first step (`start`,
+    the policy it starts from) and at its last (`end`)."""
+    from vcr1.metrics import HEADLINE
+
+    evals = _eval_rows(metrics_path)
+    if start not in evals or end not in evals:
+        return []
+    out = []
+    for task, names in HEADLINE.items():
+        for name in names:
+            key = f"eval/{task}/{name}"
+            if key in evals[start] and key in evals[end]:
+                out.append((f"{task} {name}", evals[start][key], evals[end][key]))
+    return out
+
+
+def before_after_table(metrics_path: Path, start: int, end: int) -> str:
+    """The held-out headline metrics before and after GRPO, as a text table."""
+    rows = before_after(metrics_path, start, end)
+    if not rows:
+        return "no before/after evaluation to compare"
+    lines = [f"held-out {'metric':<14} {'before GRPO':>12} {'after GRPO':>11} {'change':>8}"]
+    lines += [f"         {name:<14} {a:12.1f} {b:11.1f} {b - a:+8.1f}" for name, a, b in rows]
+    return "\n".join(lines)
+
+
+ACCURACY_COMPONENTS = ("iou", "accuracy")  # the reward components that score the answer, not its format
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
 def plot_rewards(metrics_path: Path, png: Path):
-    """Mean reward per GRPO step, each task's total beside it."""
+    """Left: each task's accuracy reward per GRPO step (tg IoU, tracking IoU, gqa accuracy and glue IoU),
+    smoothed, over its raw values. Right: the held-out headline metrics before and after GRPO, when the
+    run evaluated both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,21 +153,33 @@ def plot_rewards(metrics_path: Path, png: Path):
     rows = [r for r in rows if r.get("stage") == "grpo" and r.get("reward") is not None]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, rewards = [r["step"] for r in rows], [r["reward"] for r in rows]
-    ax.plot(steps, rewards, label="mean reward", lw=1, color="C0", alpha=0.5)
-    window = max(1, len(rows) // 10)
-    smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
-              for i in range(len(rewards))]
-    ax.plot(steps, smooth, label=f"mean reward, {window}-step average", lw=2.5, color="C0")
-    totals = sorted({k for r in rows for k in r if k.startswith("reward/") and k.endswith("/total")})
-    for i, key in enumerate(totals, start=1):
+    compared = before_after(metrics_path, rows[0]["step"] - 1, rows[-1]["step"])
+    fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(12 if compared else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    window = max(1, len(rows) // 8)
+    keys = sorted({k for r in rows for k in r
+                   if k.startswith("reward/") and k.rsplit("/", 1)[1] in ACCURACY_COMPONENTS})
+    for i, key in enumerate(keys):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot(*zip(*pts), label=key.removeprefix("reward/").removesuffix("/total"), alpha=0.4, color=f"C{i}")
-    ax.set_xlabel("optimizer step (GRPO stage)")
+        steps, values = zip(*pts)
+        name = key.removeprefix("reward/").replace("/", " ")
+        ax.plot(steps, values, color=f"C{i}", lw=0.8, alpha=0.25)
+        ax.plot(steps, _smooth(list(values), window), color=f"C{i}", lw=2.2, label=name)
+    ax.set_title(f"accuracy rewards during GRPO ({window}-step mean)")
+    ax.set_xlabel("training step")
     ax.set_ylabel("reward")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if compared:
+        ax = axes[0, 1]
+        names = [name for name, _, _ in compared]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [a for _, a, _ in compared], width=0.4, label="before GRPO", color="0.6")
+        ax.bar([i + 0.2 for i in x], [b for _, _, b in compared], width=0.4, label="after GRPO", color="C0")
+        ax.set_xticks(list(x), names, fontsize=8)
+        ax.set_title("held-out metrics (%)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

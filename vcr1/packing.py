@@ -9,6 +9,11 @@ way). The fast path packs the micro-batch into one row with no padding,
 runs the vision tower once per video, and attends so that a prompt is causal over itself and each
 answer sees its prompt plus, causally, itself (never a sibling): P + G·C tokens of work instead of
 G·(P + C).
+
+Attention backends: "prefix" (any device) reads the prompt's keys/values where they lie, once for all
+G answers, and keeps for backward only q, k, v, the output and the log-sum-exp (the memory of one plain
+causal forward over the packed row). "flash" and "torch" (CUDA varlen kernels) and "sdpa" (the
+reference: one masked SDPA call per segment) take a copy of the prompt's keys/values per answer.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vcr1.model import answer_positions, hidden_states, prompt_positions
 
-ATTENTION_BACKENDS = ("flash", "torch", "sdpa")  # the order "auto" tries them in
+ATTENTION_BACKENDS = ("flash", "torch", "prefix", "sdpa")  # the order "auto" tries them in
+# Query rows per block of scores in the prefix backend: bounds its transient memory (128 gave both the
+# lowest peak and time of 1024/256/128 on CPU at bench/test_bench_memory.py's 782-token prompt).
+BLOCK = 128
 
 
 def _prompt(model, inputs: dict) -> dict:
@@ -89,13 +97,19 @@ class PackedSegments:
     Segment s (a prompt, or one answer) has queries q[cu_q[s]:cu_q[s+1]] and keys
     k[kv_index[cu_k[s]:cu_k[s+1]]]: the prompt itself, or the answer's prompt followed by the answer.
     The causal mask is aligned bottom-right, so answer token i sees its whole prompt and answer
-    tokens ≤ i. This is flash-attn's varlen layout, so every backend takes the same metadata.
+    tokens ≤ i. This is flash-attn's varlen layout, taken by the flash, torch and sdpa backends.
+
+    The prefix backend reads `pieces` instead, rows of the packed row itself, never copied: (q0, q1, k0,
+    k1, causal) has queries q0:q1 attend to keys k0:k1, causally (key ≤ query) or to all of them. A
+    prompt is one causal piece; a group's answers are one non-causal piece on their prompt plus a
+    causal piece each on themselves, merged by log-sum-exp.
     """
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     kv_index: torch.Tensor
     max_q: int
     max_k: int
+    pieces: tuple[tuple[int, int, int, int, bool], ...]
     backend: str  # "auto" or one of ATTENTION_BACKENDS
 
 
@@ -103,7 +117,7 @@ def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
     """Why a packed-attention backend cannot run on this device and dtype, or None when it can."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {ATTENTION_BACKENDS} or 'auto'")
-    if backend == "sdpa":
+    if backend in ("prefix", "sdpa"):
         return None
     if torch.device(device).type != "cuda":
         return f"{backend} varlen attention needs a CUDA device"
@@ -137,6 +151,88 @@ def _sdpa_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out.append(o.transpose(0, 1))
     return torch.cat(out)
+
+
+def _blocks(pieces):
+    """The pieces cut into blocks of at most BLOCK query rows; a causal block drops keys past its last query."""
+    for q0, q1, k0, k1, causal in pieces:
+        for b0 in range(q0, q1, BLOCK):
+            b1 = min(b0 + BLOCK, q1)
+            yield b0, b1, k0, min(k1, b1) if causal else k1, causal
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Where the prefix backend's softmax and sums run: fp32, or the inputs' dtype when wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _block_scores(q, k, block, scale) -> torch.Tensor:
+    """Scores (in _wide precision) [kv, rep, n, m] of query rows b0:b1 against keys k0:k1, masked when causal.
+
+    GQA native: the rep query heads of a key head are extra rows of one matmul on that head's keys.
+    """
+    b0, b1, k0, k1, causal = block
+    kv, d = k.shape[0], k.shape[-1]
+    rows = q[:, b0:b1].reshape(kv, -1, d)
+    s = (rows @ k[:, k0:k1].transpose(1, 2)).to(_wide(q.dtype)).mul_(scale).view(kv, -1, b1 - b0, k1 - k0)
+    if causal:
+        later = torch.arange(k0, k1, device=q.device) > torch.arange(b0, b1, device=q.device)[:, None]
+        s.masked_fill_(later, float("-inf"))
+    return s
+
+
+class PrefixAttention(torch.autograd.Function):
+    """Attention over the packed row by pieces (see PackedSegments), no key/value copied or repeated.
+
+    q [heads, T, d], k and v [kv_heads, T, d], any strides. Forward merges the pieces' partial softmaxes
+    by log-sum-exp; it saves q, k, v, the output and the log-sum-exp [heads, T], and backward recomputes
+    each block's scores from them (flash attention's scheme, in plain torch). Gradients are summed in
+    a fixed order: deterministic. Returns out [heads, T, d], stored as [T, heads, d] so that the
+    caller's [1, T, heads·d] is a view of it.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pieces, scale):
+        h, t, d = q.shape
+        kv = k.shape[0]
+        acc = q.new_zeros(kv, h // kv, t, d, dtype=_wide(q.dtype))
+        lse = q.new_full((kv, h // kv, t), float("-inf"), dtype=_wide(q.dtype))
+        for block in _blocks(pieces):
+            b0, b1, k0, k1, _ = block
+            s = _block_scores(q, k, block, scale)
+            part = s.logsumexp(-1)
+            o = (s - part[..., None]).exp_().to(v.dtype) @ v[:, None, k0:k1]
+            merged = torch.logaddexp(lse[..., b0:b1], part)
+            acc[..., b0:b1, :] = (acc[..., b0:b1, :] * (lse[..., b0:b1] - merged).exp()[..., None]
+                                  + o.to(acc.dtype) * (part - merged).exp()[..., None])
+            lse[..., b0:b1] = merged
+        out = q.new_empty(t, h, d).transpose(0, 1)
+        out.copy_(acc.view(h, t, d))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        h, t, d = q.shape
+        kv = k.shape[0]
+        wide = _wide(q.dtype)
+        grad = grad.view(kv, h // kv, t, d)
+        delta = (grad.to(wide) * out.view(kv, h // kv, t, d).to(wide)).sum(-1)  # rowsum(dO · O)
+        dq = torch.zeros(kv, h // kv, t, d, dtype=wide, device=q.device)
+        dk = torch.zeros(kv, t, d, dtype=wide, device=q.device)
+        dv = torch.zeros_like(dk)
+        for block in _blocks(ctx.pieces):
+            b0, b1, k0, k1, _ = block
+            p = (_block_scores(q, k, block, ctx.scale) - lse[..., b0:b1, None]).exp_()
+            do = grad[..., b0:b1, :]
+            dv[:, k0:k1] += p.to(v.dtype).flatten(1, 2).transpose(1, 2) @ do.flatten(1, 2)
+            dp = (do @ v[:, None, k0:k1].transpose(-1, -2)).to(wide)
+            ds = (p * (dp - delta[..., b0:b1, None]) * ctx.scale).to(q.dtype)
+            dq[..., b0:b1, :] += ds @ k[:, None, k0:k1]
+            dk[:, k0:k1] += ds.flatten(1, 2).transpose(1, 2) @ q[:, b0:b1].reshape(kv, -1, d)
+        return dq.view(h, t, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def _flash_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
@@ -173,11 +269,14 @@ def _attention(module, query, key, value, attention_mask, *args, fallback, **kwa
     if not isinstance(attention_mask, PackedSegments):
         return fallback(module, query, key, value, attention_mask, *args, **kwargs)
     seg = attention_mask
+    # Resolved here, from the query itself, so autocast's bf16 still reaches the flash kernels. No
+    # attention dropout: Qwen2.5-VL trains with attention_dropout = 0.
+    backend = pick_backend(seg.backend, query.device, query.dtype)
+    if backend == "prefix":
+        out = PrefixAttention.apply(query[0], key[0], value[0], seg.pieces, module.scaling)
+        return out.transpose(0, 1).unsqueeze(0), None
     q = query[0].transpose(0, 1)  # [1, heads, T, head_dim] -> [T, heads, head_dim]
     k, v = (t[0].transpose(0, 1).index_select(0, seg.kv_index) for t in (key, value))
-    # Resolved here, from q itself, so autocast's bf16 still reaches the flash kernels. No attention
-    # dropout: Qwen2.5-VL trains with attention_dropout = 0.
-    backend = pick_backend(seg.backend, q.device, q.dtype)
     return _VARLEN[backend](q, k, v, seg, module.scaling).unsqueeze(0), None
 
 
@@ -208,10 +307,13 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
     row, then t/h/w), the attention segments, and the row of the hidden state that predicts each
     completion token."""
     device = prompts[0]["ids"].device
-    ids, positions, queries, keys, rows = [], [], [], [], []
+    ids, positions, queries, keys, rows, pieces = [], [], [], [], [], []
     offset = 0
     for prompt, completions in zip(prompts, completions_list):
         n = len(prompt["ids"])
+        total = sum(len(c) for c in completions)
+        pieces += [(offset, offset + n, offset, offset + n, True),
+                   (offset + n, offset + n + total, offset, offset + n, False)]
         span = torch.arange(offset, offset + n, device=device)
         ids.append(prompt["ids"])
         positions.append(torch.cat([torch.arange(n, device=device)[None], prompt["positions"]]))
@@ -227,17 +329,18 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
             keys.append(torch.cat([span, own]))
             # The prompt's last token predicts every answer's first token.
             rows.append(torch.cat([span[-1:], own[:-1]]))
+            pieces.append((offset, offset + len(c), offset, offset + len(c), True))
             offset += len(c)
 
     def cumulative(spans):
         return F.pad(torch.tensor([len(s) for s in spans], device=device).cumsum(0), (1, 0)).to(torch.int32)
 
     segments = PackedSegments(cumulative(queries), cumulative(keys), torch.cat(keys),
-                              max(map(len, queries)), max(map(len, keys)), backend)
+                              max(map(len, queries)), max(map(len, keys)), tuple(pieces), backend)
     return torch.cat(ids), torch.cat(positions, 1), segments, torch.cat(rows)
 
 
-def _video_embeds(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def video_embeds(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """The vision tower over all videos at once (it already attends per frame pair and window)."""
     features = model.model.get_video_features(pixels, grid)
     # transformers 5 returns a ModelOutput holding the per-video split; 4.x the split itself.
@@ -256,7 +359,7 @@ def _distinct_video_embeds(model, prompts: list[dict]) -> torch.Tensor | None:
     distinct = [prompts[i] for i in first.values()]
     pixels, grid, _ = _cat_video(distinct, [1] * len(distinct))
     tokens = (grid.prod(-1) // model.config.vision_config.spatial_merge_size ** 2).tolist()
-    per_video = dict(zip(first, _video_embeds(model, pixels, grid).split(tokens)))
+    per_video = dict(zip(first, video_embeds(model, pixels, grid).split(tokens)))
     return torch.cat([per_video[p["video_key"]] for p in prompts if p["video_key"] is not None])
 
 
@@ -290,7 +393,7 @@ def completion_hidden(model, prompt_inputs_list: list[dict], completions_list: l
     Returns hidden [N, H] (the LM head is left to the caller), targets [N] and the completion
     boundaries cu_seqlens [B + 1] int32, N = total completion tokens, B = total completions.
     shared_prefix=False is the repeated-prompt padded reference; backend picks the packed attention
-    kernel ("auto", "flash", "torch" or "sdpa").
+    kernel ("auto" or one of ATTENTION_BACKENDS).
     """
     prompts = [_prompt(model, p) for p in prompt_inputs_list]
     completions_list = [[c.reshape(-1).to(model.device) for c in cs] for cs in completions_list]

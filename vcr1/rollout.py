@@ -1,9 +1,10 @@
 """Rollouts: G sampled completions per video prompt.
 
-The fast engine prefills each prompt once (vision tower included) and decodes the G samples of every
-prompt of the batch together from two static KV caches: the prompts' own keys/values, shared by their
-G samples and never copied, and the samples' generated tokens. On CUDA each decode step is a replayed
-CUDA graph. `hf_generate` is the reference: HF `generate(num_return_sequences=G)` per prompt.
+The fast engine prefills each prompt once (the vision tower once per distinct decoded video) and
+decodes the G samples of every prompt of the batch together from two static KV caches: the prompts'
+own keys/values, shared by their G samples and never copied, and the samples' generated tokens. On
+CUDA each decode step is a replayed CUDA graph. `hf_generate` is the reference: HF
+`generate(num_return_sequences=G)` per prompt.
 
 Both follow vcr1's 3-D positions (`vcr1.model.prompt_positions`, then `answer_start` + k for generated
 token k on all three rows: the release rule, see the README).
@@ -24,6 +25,7 @@ import torch
 
 from vcr1.model import accepts_mm_token_type_ids, answer_start, mm_token_type_ids, prompt_positions, stop_ids
 from vcr1.monitor import nvtx_range
+from vcr1.packing import video_embeds
 
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 WINDOW = 128  # generated keys are read in windows of this many slots: one CUDA graph per window size
@@ -108,12 +110,23 @@ def _video(prompt: dict, device) -> dict:
     return {k: prompt[k].to(device) for k in VIDEO_KEYS if prompt.get(k) is not None}
 
 
-def _prefill(model, prompt: dict):
-    """One prompt through the whole model: per-layer keys/values [kv_heads, L, d], last logits, next position."""
+def _prefill(model, prompt: dict, videos: dict[int, torch.Tensor]):
+    """One prompt through the whole model: per-layer keys/values [kv_heads, L, d], last logits, next position.
+
+    videos caches the vision tower's output by pixel tensor: prompts built from one decoded clip share
+    that tensor (as in the packed training forward), so the tower runs once per distinct video.
+    """
     device = model.lm_head.weight.device
     pos = prompt_positions(prompt, model.config).to(device)[:, None]
-    out = model.model(input_ids=prompt["input_ids"].to(device), position_ids=pos, use_cache=True,
-                      **_video(prompt, device))
+    ids = prompt["input_ids"].to(device)
+    embeds = model.model.get_input_embeddings()(ids)
+    pixels = prompt.get("pixel_values_videos")
+    if pixels is not None:
+        if id(pixels) not in videos:
+            videos[id(pixels)] = video_embeds(model, pixels.to(device), prompt["video_grid_thw"].to(device))
+        is_video = (ids == model.config.video_token_id)[..., None]
+        embeds = embeds.masked_scatter(is_video, videos[id(pixels)].to(embeds.dtype))
+    out = model.model(inputs_embeds=embeds, position_ids=pos, use_cache=True)
     # transformers 5.24 renamed the output's past_key_values to cache
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     if cache is None:
@@ -177,9 +190,9 @@ class PrefilledBatch:
         lengths = torch.tensor([prompt["input_ids"].shape[1] for prompt in prompts], device=weight.device)
         self.kp = weight.new_zeros(layers, len(prompts), self.kv_heads, int(lengths.max()), self.d)
         self.vp = torch.zeros_like(self.kp)
-        logits, next_pos = [], []
+        logits, next_pos, videos = [], [], {}
         for i, prompt in enumerate(prompts):
-            kv, last, pos = _prefill(model, prompt)
+            kv, last, pos = _prefill(model, prompt, videos)
             for layer, (k, v) in enumerate(kv):
                 self.kp[layer, i, :, :k.shape[1]] = k
                 self.vp[layer, i, :, :v.shape[1]] = v

@@ -40,11 +40,11 @@ import torch
 from vcr1 import checkpoint, grpo
 from vcr1 import engine as eng
 from vcr1.config import ConfigError, parse_config, to_dict
-from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_answer, synthetic_datasets
+from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
-from vcr1.monitor import Monitor, Phases, enable_nvtx
+from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
 from vcr1.packing import completion_hidden
 from vcr1_kernels import token_logprobs
 
@@ -177,9 +177,7 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             with self.phase("data"):
                 examples = self.sft_stream.next_batch(cfg.sft.batch_size)
-            answers = [reference_answer(ex.sample, cfg.data.think) for ex in examples]
-            targets = [[torch.tensor(self.tokenizer(a, add_special_tokens=False)["input_ids"] + [self.stop_ids[0]])]
-                       for a in answers]
+            targets = [[torch.tensor(reference_tokens(ex.sample, self.tokenizer, cfg.data.think))] for ex in examples]
             with self.phase("policy/forward"):
                 hidden, ids, cu = completion_hidden(self.model, [ex.inputs for ex in examples], targets,
                                                     shared_prefix=cfg.engine.shared_prefix)
@@ -209,9 +207,9 @@ class Trainer:
         batches = [grpo.with_advantages(s.groups, g, batch_std) for s in scored]
         passes = dict(shared_prefix=cfg.engine.shared_prefix, backend=cfg.engine.loss_backend,
                       check_values=cfg.engine.check_values)
+        old = self.model if g.num_iterations > 1 else None  # μ = 1 is on-policy: π_old is the policy itself
         with self.phase("ref+old_logprobs"):
-            batches = [grpo.with_logprobs(b, old=self.model if g.num_iterations > 1 else None, ref=self.ref, **passes)
-                       for b in batches]
+            batches = [grpo.with_logprobs(b, g, old=old, ref=self.ref, **passes) for b in batches]
 
         normalizer, scale = None, 1.0
         if g.loss_type == "dapo":
@@ -254,6 +252,8 @@ class Trainer:
         """Train to the end, or until SIGTERM/SIGINT: then every process finishes its step, saves and returns."""
         cfg, total = self.cfg, self.sft_steps + self.grpo_steps
         last_save = time.monotonic()
+        if self.step == 0 and self._eval_due(-self.sft_steps, total):  # GRPO from the loaded model
+            self.evaluate()
         with StopSignals() as signals:
             while self.step < total:
                 self.stage = "sft" if self.step < self.sft_steps else "grpo"
@@ -264,7 +264,7 @@ class Trainer:
                 self.step += 1
                 row = self._log_step(tally, samples, time.perf_counter() - t0, total)
                 grpo_step = self.step - self.sft_steps
-                if self.stage == "grpo" and cfg.eval_every and grpo_step % cfg.eval_every == 0:
+                if self._eval_due(grpo_step, total):
                     self.evaluate()
                 # Rank 0's clock decides, and every process learns both verdicts in one collective.
                 overdue = self.rank == 0 and 0 < cfg.save_minutes * 60 < time.monotonic() - last_save
@@ -277,9 +277,20 @@ class Trainer:
                     self.monitor.progress(f"stopped by a signal after step {row['step']}: resume with --resume true")
                     break
         self.monitor.close()
+        if self.step == total and cfg.eval_before_after and "grpo" in cfg.stage:
+            self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total))
         if self.step == total:
             self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "
                                   f"plot in {self.out / 'reward_curve.png'}")
+
+    def _eval_due(self, grpo_step: int, total: int) -> bool:
+        """After GRPO step `grpo_step` (0: before the first, where a warm-up ends): --eval_every's steps, and
+        with --eval_before_after the policy GRPO starts from and the final one (a warm-up-only run: its end).
+        Before the checkpoint of the same step, so a resume from it keeps its eval row rather than redoing it."""
+        cfg, grpo = self.cfg, "grpo" in self.cfg.stage
+        if cfg.eval_before_after and (self.step == total or (grpo and grpo_step == 0)):
+            return True
+        return grpo and grpo_step > 0 and bool(cfg.eval_every) and grpo_step % cfg.eval_every == 0
 
     def _log_step(self, tally: Tally, samples: list, seconds: float, total: int) -> dict:
         """The step's row of metrics.jsonl: every value reduced over all processes, in one collective."""

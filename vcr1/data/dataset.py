@@ -12,6 +12,7 @@ from pathlib import Path
 from vcr1.data.annotations import Sample, load_annotations
 from vcr1.data.processor import prompt_inputs
 from vcr1.data.video import VideoError, load_video, video_inputs
+from vcr1.model import end_of_turn_id
 from vcr1.prompts import build_messages
 
 log = logging.getLogger("vcr1.data")
@@ -62,6 +63,13 @@ def reference_answer(sample: Sample, think: bool) -> str:
     else:
         raise ValueError(f"unknown task {sample.task!r}")
     return (f"<think>{thought}</think>" if think else "") + answer
+
+
+def reference_tokens(sample: Sample, tokenizer, think: bool) -> list[int]:
+    """The reference answer as the warm-up's target tokens: its text, then the end of the assistant turn, as
+    the chat template would write the turn (so the policy learns to stop where rollouts stop)."""
+    answer = tokenizer(reference_answer(sample, think), add_special_tokens=False)["input_ids"]
+    return answer + [end_of_turn_id(tokenizer)]
 
 
 def encode_sample(sample: Sample, tokenizer, model_config, data_cfg, device, videos: dict | None = None) -> dict:
