@@ -1,10 +1,20 @@
-"""LM-head GRPO loss: fused Triton kernels against the torch reference, Liger-Kernel and materialised logits.
+"""LM-head GRPO loss: the fused Triton head against a GEMM peak, cuBLAS, eager torch and Liger-Kernel.
 
-`pytest bench/test_bench_lm_head.py --benchmark-only` times the GRPO loss (old and ref log-probs given)
-forward ("fwd", under no_grad, as for the old/ref passes) and forward+backward ("fwd_bwd", trainable
-head) at the Qwen2.5-VL heads on CUDA, or at a toy shape on CPU, plus a bare bf16 head matmul as the
-throughput yardstick. Each run writes bench/results/lm_head_<device>.json.
+`pytest bench/test_bench_lm_head.py --benchmark-only` times, at the Qwen2.5-VL heads in bf16 on CUDA (at a
+tiny fp32 shape on CPU, the Triton kernels in Triton's interpreter), the forward ("fwd", under no_grad,
+as for the pi_old / pi_ref passes) and forward+backward ("fwd_bwd", trainable head) of:
+- triton / triton_tiles: our GRPO loss, logits by torch.mm per slab / by Triton tiles;
+- torch: the fp32 reference; eager / compiled: TRL's materialised logits in the input dtype, then an fp32
+  log-softmax (compiled: the same under torch.compile, CUDA only);
+- liger_grpo: Liger's fused GRPO loss; liger_flce: Liger's fused linear cross-entropy (the same [N, V]
+  work for a cross-entropy loss), both skipped when liger-kernel is not importable;
+- cublas: a bare head, the logits GEMM (fwd) and the two gradient GEMMs (fwd_bwd) on [N, V] logits;
+- matmul: one head GEMM, hidden @ weight.T, whose TFLOP/s is the peak every row is a fraction of.
+Each run writes bench/results/lm_head_<device>.json: per row the median time, TFLOP/s and its fraction
+of the peak, the measured peak extra memory (CUDA) and, for ours, the planned one (`lm_head_slab`), and
+per shape our speedups and memory ratios against the others.
 """
+import importlib.util
 import json
 import re
 
@@ -12,29 +22,39 @@ import pytest
 import torch
 import triton
 
-from vcr1_kernels import grpo_loss, grpo_loss_from_logprobs
+from vcr1_kernels import grpo_loss, grpo_loss_from_logprobs, lm_head_slab
+from vcr1_kernels.logprobs import interpreter_active
 from vcr1_testing import BENCH_RESULTS
 
 CUDA = torch.cuda.is_available()
-SEQ_LEN = 512  # completion tokens per packed sequence
-ROUNDS = 5
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+SEQ_LEN = 512 if CUDA else 64  # completion tokens per packed sequence
+ROUNDS = 5 if CUDA else 3
+LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="head-sized shapes need a CUDA GPU")
-cpu_only = pytest.mark.skipif(CUDA, reason="toy shape for machines without a GPU")
+cpu_only = pytest.mark.skipif(CUDA, reason="tiny shape for machines without a GPU")
 SHAPES = [  # (N tokens, hidden H, vocab V)
     pytest.param((4096, 3584, 152064), id="7B-4k", marks=cuda_only),
     pytest.param((16384, 3584, 152064), id="7B-16k", marks=cuda_only),
     pytest.param((4096, 2048, 151936), id="3B-4k", marks=cuda_only),
     pytest.param((16384, 2048, 151936), id="3B-16k", marks=cuda_only),
-    pytest.param((1024, 256, 8195), id="toy", marks=cpu_only),
+    pytest.param((128, 32, 515), id="tiny", marks=cpu_only),  # the interpreter runs ~10 tiles a second
 ]
+needs_triton = pytest.mark.skipif(not (CUDA or interpreter_active()),
+                                  reason="triton was imported before TRITON_INTERPRET=1 was set")
+needs_liger = pytest.mark.skipif(not LIGER, reason="liger-kernel is not installed")
 IMPLS = [
-    pytest.param("triton", marks=pytest.mark.skipif(not CUDA, reason="Triton's CPU interpreter is too slow to time")),
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("triton_tiles", marks=needs_triton),
     "torch",
-    "liger",
     "eager",
     pytest.param("compiled", marks=pytest.mark.skipif(not CUDA, reason="Inductor compile time dominates on CPU")),
+    pytest.param("liger_grpo", marks=needs_liger),
+    pytest.param("liger_flce", marks=[needs_liger, needs_triton]),
+    "cublas",
 ]
+OURS = {"triton": "matmul", "triton_tiles": "triton"}  # impl: the `logits` option
 _records = []
 
 
@@ -46,11 +66,11 @@ def _eager_logprobs(hidden, weight, targets):
 _compiled_logprobs = torch.compile(_eager_logprobs, dynamic=False)
 
 
-def _inputs(n, dim, vocab, dtype, device):
+def _inputs(n, dim, vocab, device):
     gen = torch.Generator(device).manual_seed(0)
     return dict(
-        hidden=torch.randn(n, dim, generator=gen, device=device, dtype=dtype),
-        weight=(dim**-0.5 * torch.randn(vocab, dim, generator=gen, device=device)).to(dtype),
+        hidden=torch.randn(n, dim, generator=gen, device=device, dtype=DTYPE),
+        weight=(dim**-0.5 * torch.randn(vocab, dim, generator=gen, device=device)).to(DTYPE),
         targets=torch.randint(vocab, (n,), generator=gen, device=device),
         cu_seqlens=torch.arange(0, n + 1, SEQ_LEN, device=device, dtype=torch.int32),
         advantages=torch.randn(n // SEQ_LEN, generator=gen, device=device),
@@ -59,14 +79,41 @@ def _inputs(n, dim, vocab, dtype, device):
     )
 
 
+def _cublas_head(hidden, weight):
+    """The GEMMs any head does, nothing else: logits, then d_hidden and d_weight from [N, V] "gradients"
+    (the logits themselves stand in for them)."""
+    return _BareHead.apply(hidden, weight)
+
+
+class _BareHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        logits = hidden @ weight.T
+        ctx.save_for_backward(hidden, weight, logits)
+        return logits.sum(dim=-1, dtype=torch.float32)  # a [N] result, as the log-probs are
+
+    @staticmethod
+    def backward(ctx, _grad):
+        hidden, weight, logits = ctx.saved_tensors
+        return logits @ weight, logits.T @ hidden
+
+
 def _loss_fn(impl, x):
     """A closure computing the loss from x's hidden and weight (whose grads the caller sets up)."""
     packed = (x["targets"], x["cu_seqlens"], x["advantages"], x["old_logprobs"], x["ref_logprobs"])
-    if impl in ("triton", "torch"):
-        return lambda: grpo_loss(x["hidden"], x["weight"], *packed, backend=impl)[0]
+    if impl in OURS or impl == "torch":
+        options = dict(backend="triton", logits=OURS[impl]) if impl in OURS else dict(backend="torch")
+        return lambda: grpo_loss(x["hidden"], x["weight"], *packed, **options)[0]
     if impl in ("eager", "compiled"):
         logprobs = _eager_logprobs if impl == "eager" else _compiled_logprobs
         return lambda: grpo_loss_from_logprobs(logprobs(x["hidden"], x["weight"], x["targets"]), *packed[1:])[0]
+    if impl == "cublas":
+        return lambda: _cublas_head(x["hidden"], x["weight"]).sum()
+    if impl == "liger_flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        module = LigerFusedLinearCrossEntropyLoss()
+        return lambda: module(x["weight"], x["hidden"], x["targets"])
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     batch = x["advantages"].numel()  # equal-length sequences: [B, T] is a plain reshape
@@ -99,12 +146,13 @@ def _shape_id(shape):
     return next(p.id for p in SHAPES if p.values[0] == shape)
 
 
-def _record(benchmark, shape, impl, mode, flops, extra):
+def _record(benchmark, shape, impl, mode, flops, extra, planned=None):
     if benchmark.stats is None:  # --benchmark-disable: nothing was timed
         return
     seconds = benchmark.stats.stats.median
     row = dict(shape=_shape_id(shape), n=shape[0], h=shape[1], v=shape[2], impl=impl, mode=mode, median_s=seconds,
-               tflops=flops / seconds / 1e12, peak_extra_mib=None if extra is None else extra / 2**20)
+               tflops=flops / seconds / 1e12, peak_extra_mib=None if extra is None else extra / 2**20,
+               planned_extra_mib=None if planned is None else planned / 2**20)
     benchmark.extra_info.update(row)
     _records.append(row)
 
@@ -114,8 +162,7 @@ def _record(benchmark, shape, impl, mode, flops, extra):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_grpo_loss_speed(benchmark, shape, impl, mode):
     n, dim, vocab = shape
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    x = _inputs(n, dim, vocab, dtype, device)
+    x = _inputs(n, dim, vocab, "cuda" if CUDA else "cpu")
     loss_fn = _loss_fn(impl, x)
     training = mode == "fwd_bwd"
     x["weight"].requires_grad_(training)
@@ -135,15 +182,16 @@ def test_grpo_loss_speed(benchmark, shape, impl, mode):
     benchmark.pedantic(step, setup=clear_grads, rounds=ROUNDS, warmup_rounds=1)
     clear_grads()
     extra = _peak_extra_bytes(step, x)
-    _record(benchmark, shape, impl, mode, (8 if training else 2) * n * dim * vocab, extra)
+    # The backward's planned bytes also bound the forward's (its slab of fp32 logits is no wider).
+    planned = lm_head_slab(n, dim, vocab, DTYPE, logits=OURS[impl])[1] if impl in OURS else None
+    _record(benchmark, shape, impl, mode, (8 if training else 2) * n * dim * vocab, extra, planned)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_head_matmul_speed(benchmark, shape):
-    """The yardstick: a bare head matmul in the benchmark dtype, hidden @ weight.T."""
+    """The peak: one head GEMM in the benchmark dtype, hidden @ weight.T."""
     n, dim, vocab = shape
-    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
-    x = _inputs(n, dim, vocab, dtype, device)
+    x = _inputs(n, dim, vocab, "cuda" if CUDA else "cpu")
 
     def step():
         x["hidden"] @ x["weight"].T
@@ -154,23 +202,26 @@ def test_head_matmul_speed(benchmark, shape):
     _record(benchmark, shape, "matmul", "fwd", 2 * n * dim * vocab, None)
 
 
-def _targets(records):
-    """The issue's targets, per shape, for forward+backward: Triton against the matmul, Liger and eager."""
+def _summary(records):
+    """Per row its fraction of the GEMM peak; per shape our speedups and memory ratios against the rest."""
     out = {}
     for shape in dict.fromkeys(r["shape"] for r in records):
         rows = {(r["impl"], r["mode"]): r for r in records if r["shape"] == shape}
-        ours = rows.get(("triton", "fwd_bwd"))
-        if ours is None:
-            continue
+        peak = rows.get(("matmul", "fwd"))
+        for row in rows.values():
+            row["fraction_of_gemm_peak"] = row["tflops"] / peak["tflops"] if peak else None
         out[shape] = {}
-        if ("matmul", "fwd") in rows:
-            out[shape]["fraction_of_matmul_tflops"] = ours["tflops"] / rows["matmul", "fwd"]["tflops"]
-        for other in ("liger", "eager", "compiled"):
-            if (other, "fwd_bwd") in rows:
-                theirs = rows[other, "fwd_bwd"]
-                out[shape][f"speedup_vs_{other}"] = theirs["median_s"] / ours["median_s"]
-                if ours["peak_extra_mib"]:
-                    out[shape][f"memory_ratio_{other}_to_triton"] = theirs["peak_extra_mib"] / ours["peak_extra_mib"]
+        for ours, mode in ((impl, mode) for impl in OURS for mode in ("fwd", "fwd_bwd")):
+            if (ours, mode) not in rows:
+                continue
+            mine = rows[ours, mode]
+            summary = out[shape][f"{ours} {mode}"] = dict(fraction_of_gemm_peak=mine["fraction_of_gemm_peak"])
+            for (other, other_mode), theirs in rows.items():
+                if other_mode != mode or other in (ours, "matmul"):
+                    continue
+                summary[f"speedup_vs_{other}"] = theirs["median_s"] / mine["median_s"]
+                if mine["peak_extra_mib"] and theirs["peak_extra_mib"] is not None:
+                    summary[f"memory_ratio_{other}_to_ours"] = theirs["peak_extra_mib"] / mine["peak_extra_mib"]
     return out
 
 
@@ -182,9 +233,13 @@ def write_results():
     device = torch.cuda.get_device_name() if CUDA else "cpu"
     BENCH_RESULTS.mkdir(parents=True, exist_ok=True)
     path = BENCH_RESULTS / f"lm_head_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}.json"
+    summary = _summary(_records)
     path.write_text(json.dumps(dict(
-        device=device, torch=torch.__version__, triton=triton.__version__,
-        dtype="bfloat16" if CUDA else "float32", seq_len=SEQ_LEN, rounds=ROUNDS,
-        flops="fwd 2NHV, fwd_bwd 8NHV", peak_extra="beyond prior allocations and the gradients left",
-        results=_records, targets=_targets(_records),
+        device=device, torch=torch.__version__, triton=triton.__version__, dtype=str(DTYPE).split(".")[-1],
+        triton_interpreted=interpreter_active(), seq_len=SEQ_LEN, rounds=ROUNDS,
+        flops="fwd 2NHV, fwd_bwd 8NHV (logits twice, d_hidden, d_weight) for every impl, so tflops compare times",
+        peak="matmul: one hidden @ weight.T GEMM in this run",
+        peak_extra="beyond prior allocations and the gradients left (CUDA only)",
+        planned_extra="ours: lm_head_slab's bytes at the default budget",
+        results=_records, summary=summary,
     ), indent=1) + "\n")

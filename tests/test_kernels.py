@@ -6,23 +6,32 @@ is first imported; if another test module imported it first, the Triton cases re
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vcr1_kernels.logprobs as logprobs_module  # noqa: E402
-from vcr1_kernels import grpo_loss, token_logprobs  # noqa: E402
+from vcr1_kernels import grpo_loss, lm_head_slab, token_logprobs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = torch.cuda.is_available() or logprobs_module.interpreter_active()
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_triton = pytest.mark.skipif(
     not TRITON_HERE, reason="triton was imported before TRITON_INTERPRET=1; test_triton_in_fresh_process runs it")
-TRITON = pytest.param("triton", marks=requires_triton)
-RUNNABLE_BACKENDS = [TRITON, "torch"]
+# "triton" runs the default head (torch.mm logits per slab, Triton epilogues); "triton_tiles" has Triton
+# compute the logit tiles too.
+HEADS = {"torch": dict(backend="torch"), "triton": dict(backend="triton", logits="matmul"),
+         "triton_tiles": dict(backend="triton", logits="triton")}
+TRITON_HEADS = [pytest.param(name, marks=requires_triton) for name in ("triton", "triton_tiles")]
+RUNNABLE_BACKENDS = [*TRITON_HEADS, "torch"]
+SLAB_MAX_COLUMNS = logprobs_module.SLAB_MAX_COLUMNS
+TEST_SLAB = 256  # slabs this narrow give the small test vocabularies several slabs and a ragged last one
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 MAX_LEN = 16  # max_completion_length for dr_grpo
@@ -41,6 +50,11 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned(empty))
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+@pytest.fixture(autouse=True)
+def narrow_slabs(monkeypatch):
+    monkeypatch.setattr(logprobs_module, "SLAB_MAX_COLUMNS", TEST_SLAB)
 
 
 # ---------------------------------------------------------------------------- float64 references
@@ -130,7 +144,7 @@ def test_token_logprobs_match_float64(backend, n, dim, vocab, temperature, dtype
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     logp, entropy = token_logprobs(hidden, weight, batch["targets"], temperature=temperature,
-                                   return_entropy=True, backend=backend)
+                                   return_entropy=True, **HEADS[backend])
     (logp * upstream).sum().backward()
     logp64, entropy64 = logprobs_f64(hidden64, weight64, batch["targets"], temperature)
     (logp64 * upstream.double()).sum().backward()
@@ -145,32 +159,105 @@ def test_token_logprobs_match_float64(backend, n, dim, vocab, temperature, dtype
     assert_close(weight.grad, weight64.grad, tol)
 
 
+class NewTensors(TorchDispatchMode):
+    """Records the shape of every tensor an op creates with storage of its own (views, in-place and out=
+    results share an input's storage; the Triton interpreter's host aliases share the storage it passes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = tree_leaves((args, kwargs))
+        known = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
+        known |= {x.data_ptr() for x in inputs if isinstance(x, torch.UntypedStorage)}
+        self.shapes |= {tuple(t.shape) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known}
+        return out
+
+
 @pytest.mark.parametrize("backend", RUNNABLE_BACKENDS)
-def test_frozen_weight_gets_no_gradient(backend, monkeypatch):
-    batch = make_batch([20], 32, 100)
-    (hidden, _), (hidden64, _) = leaves(batch)
-    calls = []
-    backward = logprobs_module._backward
-    monkeypatch.setattr(logprobs_module, "_backward", lambda *a: calls.append(a[-2:]) or backward(*a))
+@pytest.mark.parametrize("trainable", ["both", "hidden", "weight", "no_grad"])
+def test_only_needed_gradient_buffers_are_allocated(backend, trainable):
+    """A frozen head allocates no [V, H] buffer, a frozen input no [N, H] one, and a forward under
+    no_grad (pi_old, pi_ref) neither; the "both" case shows the recorder sees those buffers when made."""
+    n, dim, vocab = 20, 48, 300  # N, H, V and the slab widths all differ, so shapes name the buffers
+    batch = make_batch([n], dim, vocab)
+    (hidden, weight), (hidden64, weight64) = leaves(batch)
+    hidden.requires_grad_(trainable in ("both", "hidden"))
+    weight.requires_grad_(trainable in ("both", "weight"))
+    with NewTensors() as record, torch.set_grad_enabled(trainable != "no_grad"):
+        logp = token_logprobs(hidden, weight, batch["targets"], **HEADS[backend])
+        if trainable != "no_grad":
+            logp.sum().backward()
 
-    token_logprobs(hidden, batch["weight"], batch["targets"], backend=backend).sum().backward()
-    logprobs_f64(hidden64, batch["weight"], batch["targets"])[0].sum().backward()
+    assert ((n, dim) in record.shapes) == (trainable in ("both", "hidden"))
+    assert ((vocab, dim) in record.shapes) == (trainable in ("both", "weight"))
+    assert logp.requires_grad == (trainable != "no_grad")
+    logprobs_f64(hidden64, weight64, batch["targets"])[0].sum().backward()
+    for ours, ref in ((hidden, hidden64), (weight, weight64)):
+        if ours.requires_grad:
+            assert_close(ours.grad, ref.grad, 1e-5)
+        else:
+            assert ours.grad is None
 
-    assert batch["weight"].grad is None
-    assert_close(hidden.grad, hidden64.grad, 1e-5)
-    assert calls == ([(True, False)] if backend == "triton" else [])
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", TRITON_HEADS)
+def test_backward_is_bitwise_deterministic(backend, dtype):
+    batch = make_batch([40, 29], 40, 600, dtype, temperature=0.8, seed=2)  # 3 slabs, ragged rows and tail
+    upstream = torch.randn(69, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grads = []
+    for _ in range(2):
+        (hidden, weight), _ = leaves(batch)
+        logp = token_logprobs(hidden, weight, batch["targets"], temperature=0.8, **HEADS[backend])
+        grads.append(torch.autograd.grad((logp * upstream).sum(), (hidden, weight)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
-@requires_triton
-def test_frozen_hidden_and_no_grad_triton():
-    batch = make_batch([20], 32, 100)
-    (_, weight), (_, weight64) = leaves(batch)
-    with torch.no_grad():
-        logp = token_logprobs(batch["hidden"], weight, batch["targets"], backend="triton")
-    assert not logp.requires_grad
-    token_logprobs(batch["hidden"], weight, batch["targets"], backend="triton").sum().backward()
-    logprobs_f64(batch["hidden"], weight64, batch["targets"])[0].sum().backward()
-    assert_close(weight.grad, weight64.grad, 1e-5)
+@requires_cuda
+@pytest.mark.parametrize("logits", ["matmul", "triton"])
+def test_backward_is_bitwise_deterministic_on_gpu(logits, monkeypatch):
+    """At a size where many programs run at once, so that any race between them would show."""
+    monkeypatch.setattr(logprobs_module, "SLAB_MAX_COLUMNS", SLAB_MAX_COLUMNS)
+    n, dim, vocab = 2048, 1024, 50000
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    hidden = torch.randn(n, dim, generator=gen, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = (dim**-0.5 * torch.randn(vocab, dim, generator=gen, device=DEVICE)).bfloat16().requires_grad_()
+    targets = torch.randint(vocab, (n,), generator=gen, device=DEVICE)
+    grads = []
+    for _ in range(2):
+        logp = token_logprobs(hidden, weight, targets, backend="triton", logits=logits,
+                              max_extra_bytes=64 * 2**20)  # several slabs
+        grads.append(torch.autograd.grad(logp.sum(), (hidden, weight)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_no_atomics_in_kernels():
+    """Atomic adds make the summation order (and so the gradients) depend on scheduling."""
+    sources = Path(logprobs_module.__file__).parent.glob("*.py")
+    assert not [path.name for path in sources if "atomic" in path.read_text()]
+
+
+def test_slab_width_keeps_the_memory_budget(monkeypatch):
+    monkeypatch.setattr(logprobs_module, "SLAB_MAX_COLUMNS", SLAB_MAX_COLUMNS)
+    head_7b = dict(dim=3584, vocab=152064, dtype=torch.bfloat16)
+    slab, extra = lm_head_slab(16384, **head_7b)
+    assert extra <= 2**30 and slab >= 4096 and slab % logprobs_module.SLAB_ALIGN == 0
+    assert lm_head_slab(1024, **head_7b)[1] < 2**30 / 8
+    for logits in ("matmul", "triton"):
+        for need_d_hidden in (True, False):
+            for budget in (2**27, 2**28, 2**29):
+                slab, extra = lm_head_slab(4096, **head_7b, logits=logits, need_d_hidden=need_d_hidden,
+                                           max_extra_bytes=budget)
+                assert extra <= budget
+                wider, _ = lm_head_slab(4096, **head_7b, logits=logits, need_d_hidden=need_d_hidden,
+                                        max_extra_bytes=2 * budget)
+                assert wider > slab or slab == SLAB_MAX_COLUMNS  # the budget, not the cap, set the width
+    assert lm_head_slab(8, 16, 100, torch.float32)[0] == 100  # a small vocabulary is one slab
+    with pytest.raises(ValueError, match="max_extra_bytes"):
+        lm_head_slab(16384, **head_7b, max_extra_bytes=2**28)
 
 
 def test_auto_backend_picks_triton_only_on_cuda(monkeypatch):
@@ -200,7 +287,7 @@ def run_grpo(batch, backend, loss_type, case, *, temperature=1.0, **kwargs):
     options = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, delta=delta, loss_type=loss_type, **kwargs)
     (hidden, weight), (hidden64, weight64) = leaves(batch)
     loss, stats = grpo_loss(hidden, weight, batch["targets"], batch["cu_seqlens"], batch["advantages"], old,
-                            ref, temperature=temperature, max_completion_length=MAX_LEN, backend=backend,
+                            ref, temperature=temperature, max_completion_length=MAX_LEN, **HEADS[backend],
                             **options)
     loss.backward()
     logp64, entropy64 = logprobs_f64(hidden64, weight64, batch["targets"], temperature)
@@ -252,7 +339,7 @@ def test_dapo_normalizer_splits_over_micro_batches(backend):
     (hidden, weight), _ = leaves(batch)
     args = (batch["targets"], batch["cu_seqlens"], batch["advantages"], batch["old_logprobs"],
             batch["ref_logprobs"])
-    whole, _ = grpo_loss(hidden, weight, *args, loss_type="dapo", backend=backend)
+    whole, _ = grpo_loss(hidden, weight, *args, loss_type="dapo", **HEADS[backend])
     whole_grads = torch.autograd.grad(whole, (hidden, weight))
 
     cu, n = batch["cu_seqlens"], hidden.shape[0]
@@ -261,7 +348,8 @@ def test_dapo_normalizer_splits_over_micro_batches(backend):
         rows = slice(int(cu[first]), int(cu[last]))
         part, _ = grpo_loss(hidden[rows], weight, batch["targets"][rows], cu[first:last + 1] - cu[first],
                             batch["advantages"][first:last], batch["old_logprobs"][rows],
-                            batch["ref_logprobs"][rows], loss_type="dapo", normalizer=n, backend=backend)
+                            batch["ref_logprobs"][rows], loss_type="dapo", normalizer=n,
+                            **HEADS[backend])
         part.backward()
         total = total + part.detach().cpu()
     assert_close(total, whole.detach().cpu(), 1e-5)
@@ -338,6 +426,7 @@ def _bad(**change):
 
 @pytest.mark.parametrize("change,error,match", [
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(logits="cublas"), ValueError, "logits"),
     (dict(loss_type="ppo"), ValueError, "loss_type"),
     (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
     (dict(normalizer=10), ValueError, "normalizer"),
@@ -363,19 +452,24 @@ def test_invalid_inputs_are_rejected(change, error, match):
 # ---------------------------------------------------------------------------- memory and isolation
 
 @requires_cuda
-def test_triton_never_forms_logits():
-    n, dim, vocab = 4096, 512, 32768
+@pytest.mark.parametrize("logits", ["matmul", "triton"])
+def test_triton_keeps_its_memory_budget(logits, monkeypatch):
+    monkeypatch.setattr(logprobs_module, "SLAB_MAX_COLUMNS", SLAB_MAX_COLUMNS)
+    n, dim, vocab, budget = 4096, 512, 32768, 40 * 2**20  # [N, V] fp32 logits would take 512 MiB
     batch = make_batch([n // 8] * 8, dim, vocab, torch.bfloat16)
     (hidden, weight), _ = leaves(batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     loss, _ = grpo_loss(hidden, weight, batch["targets"], batch["cu_seqlens"], batch["advantages"],
-                        batch["old_logprobs"], batch["ref_logprobs"], backend="triton")
+                        batch["old_logprobs"], batch["ref_logprobs"], backend="triton", logits=logits,
+                        max_extra_bytes=budget)
     loss.backward()
     extra = torch.cuda.max_memory_allocated() - base
-    grads = (n + vocab) * dim * (4 + 2)  # fp32 accumulators and the bf16 gradients
-    assert extra < grads + n * vocab * 4 / 16, f"{extra / 2**20:.0f} MiB extra"
+    grads = (n + vocab) * dim * 2  # the bf16 gradients returned
+    slab, planned = lm_head_slab(n, dim, vocab, torch.bfloat16, logits=logits, max_extra_bytes=budget)
+    assert slab < vocab and planned <= budget
+    assert extra <= grads + planned + 64 * n * 4, f"{extra / 2**20:.0f} MiB extra"  # + O(N) loss vectors
 
 
 @pytest.mark.skipif(TRITON_HERE, reason="the Triton tests already ran in this process")

@@ -5,7 +5,7 @@ hands each token's dLoss/dlogp to the recomputing Triton backward and nothing [N
 """
 import torch
 
-from .logprobs import token_logprobs
+from .logprobs import DEFAULT_MAX_EXTRA_BYTES, token_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 MAX_LOG_RATIO = 20.0  # clamp log-ratios before exp, as verl does: exp(20) is large but finite in fp32
@@ -13,7 +13,8 @@ MAX_LOG_RATIO = 20.0  # clamp log-ratios before exp, as verl does: exp(20) is la
 
 def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None, ref_logprobs=None, *,
               beta=0.04, epsilon_low=0.2, epsilon_high=0.2, delta=None, temperature=1.0, loss_type="grpo",
-              max_completion_length=None, normalizer=None, backend="auto", check_values=True):
+              max_completion_length=None, normalizer=None, backend="auto", check_values=True, logits="matmul",
+              max_extra_bytes=DEFAULT_MAX_EXTRA_BYTES):
     """GRPO loss of B packed completions and detached stats ("kl", "clip_ratio", "entropy").
 
     hidden [N, H] holds the completion tokens of B sequences back to back, split by cu_seqlens [B+1];
@@ -23,10 +24,12 @@ def grpo_loss(hidden, weight, targets, cu_seqlens, advantages, old_logprobs=None
     when set. Aggregation: grpo = mean over sequences of token means; bnpo = token mean;
     dr_grpo = sum / (B * max_completion_length); dapo = sum / normalizer (default: N tokens; pass
     the global token count when the batch is split over micro-batches or processes).
-    check_values=False skips the checks that read tensor values (host syncs); see token_logprobs.
+    check_values=False skips the checks that read tensor values (host syncs); logits and
+    max_extra_bytes pick how the Triton head runs; see token_logprobs.
     """
     logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True,
-                                   backend=backend, check_values=check_values)
+                                   backend=backend, check_values=check_values, logits=logits,
+                                   max_extra_bytes=max_extra_bytes)
     return grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs, ref_logprobs, entropy=entropy,
                                    beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                                    loss_type=loss_type, max_completion_length=max_completion_length,
