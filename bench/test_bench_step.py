@@ -20,7 +20,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vcr1 import tiny
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
-from vcr1.train import Trainer
+from vcr1.train import Tally, Trainer
 from vcr1_testing import BENCH_RESULTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,14 +95,15 @@ def write_results(out: dict):
 def test_bench_grpo_step(benchmark, tmp_path_factory, results, path):
     root = tmp_path_factory.mktemp(f"step_{path}")
     trainer = Trainer(parse_config(trainer_args(root, path)))
-    trainer.grpo_step()  # warm-up: allocator, kernels, CUDA graphs
+    trainer.grpo_step(Tally())  # warm-up: allocator, kernels, CUDA graphs
     trainer.phase.pop()
     rows = []
 
     def step():
         t0 = time.perf_counter()
-        row, _ = trainer.grpo_step()
-        rows.append({**row, "step_time": time.perf_counter() - t0, **trainer.phase.pop()})
+        tally = Tally()
+        trainer.grpo_step(tally)
+        rows.append({**tally.reduce(), "step_time": time.perf_counter() - t0, **trainer.phase.pop()})
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -148,10 +148,13 @@ def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
 
 
 def _torchrun(out, synthetic, *extra, script="vcr1/train.py", timeout=600):
-    """Two processes under torchrun; a hang (a collective one process never joins) fails at `timeout`."""
+    """Two processes under torchrun; a hang (a collective one process never joins) fails at `timeout`.
+    With fewer than two GPUs the processes get none and run on gloo (one GPU each would need two)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(REPO / script), *_args(out, synthetic, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    if torch.cuda.device_count() < 2:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer then picks gloo and the CPU (vcr1/engine.py)
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run

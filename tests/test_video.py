@@ -1,8 +1,10 @@
 """Video pipeline: spec §2 sampling math, decoding (real codecs, colour, bad media), patch layout
-against transformers and a tiny Qwen2.5-VL, and the GPU paths (skipped without CUDA)."""
+against transformers and a tiny Qwen2.5-VL, and the GPU paths (skipped without CUDA). Tests that decode
+video files skip without torchcodec; the rest run without it."""
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 
 from vcr1.data import video as V
 from vcr1.data.video import Clip, VideoError, load_video, video_inputs
-from vcr1_testing import requires_cuda
+from vcr1_testing import requires_cuda, requires_torchcodec
 
 requires_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
 REAL_VIDEOS = ["nasa_13013.mp4", "bt709_full_range.mp4", "h264_10bits.mp4", "h265_video.mp4",
@@ -206,6 +208,7 @@ def tiny_qwen25_vl():
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
+@requires_torchcodec
 @requires_ffmpeg
 def test_tiny_qwen25_vl_runs_on_video_inputs(ramp, tmp_path):
     """Two packed clips of different sizes through a random Qwen2.5-VL: the vision tower yields exactly
@@ -233,6 +236,7 @@ def test_tiny_qwen25_vl_runs_on_video_inputs(ramp, tmp_path):
 
 # ---------------------------------------------------------------- decoding
 
+@requires_torchcodec
 @requires_ffmpeg
 def test_sampled_frames_are_the_right_frames(ramp):
     clip = load_video(ramp)
@@ -244,6 +248,7 @@ def test_sampled_frames_are_the_right_frames(ramp):
     assert [ramp_frame(v) for v in levels] == pytest.approx(clip.frame_indices, abs=0.4)
 
 
+@requires_torchcodec
 @requires_ffmpeg
 def test_window_restricts_sampling(ramp):
     clip = load_video(ramp, start=1.05, end=2.95)  # frames ceil(10.5) = 11 .. floor(29.5) = 29
@@ -255,6 +260,7 @@ def test_window_restricts_sampling(ramp):
         load_video(ramp, start=3.0, end=2.0)
 
 
+@requires_torchcodec
 @pytest.mark.parametrize("name", REAL_VIDEOS)
 def test_real_videos_decode_like_ffmpeg(shared_data, name):
     """Each real codec decodes on CPU, and sampled frames equal ffmpeg's rgb24 of the same frame index."""
@@ -288,6 +294,7 @@ COLOR_CASES = {  # pixel format, encoder, range, container
 }
 
 
+@requires_torchcodec
 @requires_ffmpeg
 @pytest.mark.parametrize("case", COLOR_CASES)
 def test_color_range_and_bit_depth(tmp_path, case):
@@ -307,6 +314,7 @@ def test_color_range_and_bit_depth(tmp_path, case):
     assert mean == pytest.approx([200, 50, 20], abs=6), mean
 
 
+@requires_torchcodec
 @requires_ffmpeg
 def test_common_h264_keeps_the_fast_color_path(ramp):
     from torchcodec.decoders import VideoDecoder
@@ -346,6 +354,7 @@ def test_frame_list_resized_to_first_frame_size(tmp_path):
     assert clip.frames.float().mean(dim=(1, 2, 3)).tolist() == pytest.approx([0, 50, 100, 100], abs=1)
 
 
+@requires_torchcodec
 @requires_ffmpeg
 def test_bad_media_raises_video_error(tmp_path, ramp):
     data = ramp.read_bytes()
@@ -392,6 +401,7 @@ def test_bad_frames_raise_video_error(tmp_path):
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
+@requires_torchcodec
 @requires_cuda
 @requires_ffmpeg
 def test_nvdec_matches_cpu(shared_data, ramp):
@@ -407,6 +417,7 @@ def test_nvdec_matches_cpu(shared_data, ramp):
         torch.testing.assert_close(video_inputs([gpu])["video_grid_thw"].cpu(), video_inputs([cpu])["video_grid_thw"])
 
 
+@requires_torchcodec
 @requires_cuda
 def test_gpu_preprocessing_matches_transformers_video_processor(shared_data):
     """Our clip's frames through Qwen2VLVideoProcessor (no sampling, no resize) equal video_inputs."""
@@ -421,3 +432,39 @@ def test_gpu_preprocessing_matches_transformers_video_processor(shared_data):
     torch.testing.assert_close(ours["pixel_values_videos"].cpu(), ref["pixel_values_videos"], rtol=0, atol=1e-5)
     assert ours["second_per_grid_ts"].tolist() == pytest.approx([2 / clip.sample_fps])
     assert math.isclose(clip.sample_fps, 26 / 390 * clip.video_fps)
+
+
+# ---------------------------------------------------------------- without torchcodec
+
+# Runs in a fresh interpreter where `import torchcodec` fails, as on a GPU image without it.
+WITHOUT_TORCHCODEC = """
+import sys
+sys.modules["torchcodec"] = None  # every import of torchcodec now raises ImportError
+from pathlib import Path
+import numpy as np
+from PIL import Image
+import pytest
+import vcr1.train  # the trainer imports without it
+from vcr1.data.video import load_video
+frames = Path(sys.argv[1])
+frames.mkdir()
+for i in range(8):
+    Image.fromarray(np.full((56, 56, 3), 20 * i, np.uint8)).save(frames / f"{i + 1:08d}.jpg")
+assert load_video(frames).frames.shape[0] == 8  # frame directories decode with PIL alone
+(frames / "clip.mp4").write_bytes(b"not decoded")
+try:
+    load_video(frames / "clip.mp4")
+    raise SystemExit("load_video decoded a file without torchcodec")
+except ImportError as e:  # the machine's problem, never a VideoError the trainer would skip as bad media
+    assert "torchcodec" in str(e), e
+sys.exit(pytest.main([sys.argv[2], "-q", "-rs", "-p", "no:cacheprovider", "-k", "not without_torchcodec"]))
+"""
+
+
+def test_without_torchcodec_the_trainer_imports_and_the_video_tests_skip(tmp_path):
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TORCHCODEC, str(tmp_path / "frames"), __file__],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    tail = run.stdout.splitlines()[-1]
+    assert " passed" in tail and " skipped" in tail and "failed" not in tail, tail
+    assert "needs torchcodec" in run.stdout  # the skips say why

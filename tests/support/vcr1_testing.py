@@ -1,8 +1,10 @@
-"""What tests/ and bench/ share besides fixtures: the checkout's paths and the GPU marker.
+"""What tests/ and bench/ share besides fixtures: the checkout's paths and the GPU and torchcodec marks.
 
 pytest puts this folder (not the repository root) on sys.path (`pythonpath` in pyproject.toml), so the
 tests import it by name while the checkout's folders never stand in front of installed packages.
 """
+import functools
+import importlib
 import os
 from pathlib import Path
 
@@ -15,3 +17,17 @@ SHARED = Path(os.environ.get("VCR1_SHARED", REPO.parent / "shared"))
 BENCH_RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@functools.cache
+def torchcodec_missing() -> str | None:
+    """Why torchcodec cannot decode here (not installed, or FFmpeg's libraries not loadable), or None:
+    a GPU image may have neither (README, "Validating on a GPU"), and only decoding video files needs it."""
+    try:
+        importlib.import_module("torchcodec.decoders")
+    except (ImportError, OSError, RuntimeError) as e:  # torchcodec raises RuntimeError when FFmpeg won't load
+        return f"needs torchcodec with FFmpeg's shared libraries ({type(e).__name__}: {str(e).splitlines()[0]})"
+    return None
+
+
+requires_torchcodec = pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))

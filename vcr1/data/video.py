@@ -11,7 +11,9 @@ antialiasing in torch, rounded the way torchvision rounds on that device, then C
 
 Decoding uses torchcodec: header-only ("approximate") seeking when the container states frame count
 and fps, batched `get_frames_at` over the sampled indices only, NVDEC for device="cuda". A clip
-that asked for NVDEC and was decoded on the CPU is logged and counted in `decode_stats`.
+that asked for NVDEC and was decoded on the CPU is logged and counted in `decode_stats`. torchcodec
+is imported when the first video file is decoded: where it (or the FFmpeg libraries it loads) is
+missing, the trainer still imports, and frame directories and the sampling math still work.
 
 Every problem with the media itself (missing, truncated or undecodable file, no frames, a frame
 directory with too few frames, an aspect ratio over 200) raises `VideoError`, which the trainer
@@ -33,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchcodec import decoders
 
 logger = logging.getLogger(__name__)
 
@@ -238,16 +239,29 @@ def _color_safe_transforms(meta) -> list:
     return [CenterCrop((meta.height, meta.width))]
 
 
+def _decoders():
+    """torchcodec.decoders, imported on first use. A missing torchcodec, or FFmpeg libraries it cannot
+    load, is the machine's problem rather than the video's, so it raises ImportError (never VideoError,
+    which the trainer would count as bad media and skip)."""
+    try:
+        from torchcodec import decoders
+    except (ImportError, OSError, RuntimeError) as e:  # torchcodec raises RuntimeError when FFmpeg won't load
+        raise ImportError(f"decoding video files needs torchcodec and FFmpeg's shared libraries: {e}") from e
+    return decoders
+
+
 def _cuda_backend():
     """The faster CUDA backend ("beta", since renamed "nvdec" and made the default) where offered."""
-    set_backend = getattr(decoders, "set_cuda_backend", None)
+    set_backend = getattr(_decoders(), "set_cuda_backend", None)
     return set_backend("beta") if set_backend else contextlib.nullcontext()
 
 
-def _open_decoder(path: Path, device: torch.device) -> decoders.VideoDecoder:
-    """A decoder for `path` on `device`, falling back (reported) to the CPU when NVDEC cannot open it."""
+def _open_decoder(path: Path, device: torch.device):
+    """A decoder (torchcodec's VideoDecoder) for `path` on `device`, falling back (reported) to the CPU
+    when NVDEC cannot open it."""
     if not path.is_file():
         raise VideoError(f"no such video file: {path}")
+    decoders = _decoders()
     try:
         meta = decoders.VideoDecoder(str(path), seek_mode="approximate").metadata  # header only
     except (RuntimeError, ValueError) as e:
