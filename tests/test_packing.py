@@ -6,13 +6,15 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vcr1 import packing
 from vcr1.model import mrope_positions
 from vcr1_kernels import token_logprobs
-from vcr1_memory import group_saved_bytes, proportioned_model, video_group
+from vcr1_memory import group_forwards, group_saved_bytes, proportioned_model, saved_bytes, video_group
 
 VOCAB, PAD, IMAGE, VISION_START, VISION_END, VIDEO = 300, 0, 296, 297, 298, 299
 PATCH_DIM = 3 * 2 * 14 * 14  # channels · temporal_patch · patch²
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (log-prob atol, gradient rtol): exact-math equivalence in fp32; the CUDA kernels only run in bf16.
 TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (5e-2, 5e-2)}
+FLEX_MISSING = packing.unavailable_reason("flex", DEVICE, torch.bfloat16)
+requires_flex = pytest.mark.skipif(FLEX_MISSING is not None, reason=f"{FLEX_MISSING}")
 
 
 def tiny_model(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
@@ -128,7 +130,7 @@ def test_reference_path_matches_hf_forward(batch):
 @pytest.mark.parametrize("backend", packing.ATTENTION_BACKENDS)
 def test_packed_matches_padded(batch, backend):
     """Every available backend, against the padded reference and the HF forward (fp32 on CPU; on a
-    GPU the sdpa reference runs in fp32 and the flash kernels in bf16)."""
+    GPU the sdpa reference runs in fp32 and the flex, flash and torch kernels in bf16)."""
     dtype = torch.float32 if backend == "sdpa" else torch.bfloat16
     if reason := packing.unavailable_reason(backend, DEVICE, dtype):
         pytest.skip(reason)
@@ -145,11 +147,11 @@ def test_packed_matches_padded(batch, backend):
     assert_grads_close(grads, ref_grads, grad_tol)
 
 
-def packed_segments(prompt_lengths, answer_lengths, backend="prefix") -> packing.PackedSegments:
+def packed_segments(prompt_lengths, answer_lengths, backend="prefix", device="cpu") -> packing.PackedSegments:
     """The packed row's segments for prompts and answers of these lengths (token values do not matter)."""
-    prompts = [{"ids": torch.zeros(n, dtype=torch.long), "positions": torch.zeros(3, n, dtype=torch.long)}
-               for n in prompt_lengths]
-    answers = [[torch.zeros(n, dtype=torch.long) for n in group] for group in answer_lengths]
+    prompts = [{"ids": torch.zeros(n, dtype=torch.long, device=device),
+                "positions": torch.zeros(3, n, dtype=torch.long, device=device)} for n in prompt_lengths]
+    answers = [[torch.zeros(n, dtype=torch.long, device=device) for n in group] for group in answer_lengths]
     return packing._pack(prompts, answers, backend)[2]
 
 
@@ -174,6 +176,177 @@ def test_prefix_attention_matches_reference(monkeypatch, block):
     assert out.is_contiguous()  # [T, heads, d]: the model's reshape to [T, heads·d] is a view
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+RAGGED = ([13, 7, 40], [[3, 9, 1], [5, 2], [30, 1, 17, 8]])  # prompt lengths, answer lengths per group
+
+
+def reference_mask(seg: packing.PackedSegments) -> torch.Tensor:
+    """The dense [T, T] mask the sdpa reference applies: per segment, its gathered keys, causal bottom-right."""
+    t = len(seg.segment)
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    bounds = zip(seg.cu_q.tolist(), seg.cu_q[1:].tolist(), seg.cu_k.tolist(), seg.cu_k[1:].tolist())
+    for q0, q1, k0, k1 in bounds:
+        keys = seg.kv_index[k0:k1]
+        mask[q0:q1, keys] = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(k1 - k0 - (q1 - q0))
+    return mask
+
+
+def pieces_mask(seg: packing.PackedSegments) -> torch.Tensor:
+    """The dense [T, T] mask the prefix backend's pieces cover."""
+    t = len(seg.segment)
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for q0, q1, k0, k1, causal in seg.pieces:
+        block = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        mask[q0:q1, k0:k1] |= block.tril(q0 - k0) if causal else block
+    return mask
+
+
+@pytest.mark.skipif(packing.flex_attention is None, reason=f"torch {torch.__version__} has no flex_attention")
+def test_flex_mask_matches_reference_segments():
+    """The flex backend's mask_mod, evaluated densely by FlexAttention's create_mask, is the sdpa reference's
+    mask and the prefix backend's pieces on ragged groups (prompts of 13, 7 and 40 tokens, G = 3, 2, 4)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    seg = packed_segments(*RAGGED)
+    t = len(seg.segment)
+    dense = create_mask(packing._mask_mod(seg.segment, seg.group, seg.prompt), 1, 1, t, t, device="cpu")[0, 0]
+    want = reference_mask(seg)
+    assert want.sum() > t and not want.all()  # the test can tell: not the identity, not everything
+    assert torch.equal(dense, want)
+    assert torch.equal(dense, pieces_mask(seg))
+
+
+@pytest.mark.skipif(packing.flex_attention is None, reason=f"torch {torch.__version__} has no flex_attention")
+@pytest.mark.parametrize("tile", [4, packing.FLEX_BLOCK])
+def test_flex_block_mask_matches_create_block_mask(monkeypatch, tile):
+    """The block mask built 16 query tiles at a time equals create_block_mask's on the same mask_mod, tile by
+    tile (partial and full, forward and backward layouts); tile = 4 cuts the row into 34 tiles and 3 chunks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    monkeypatch.setattr(packing, "FLEX_BLOCK", tile)
+    seg = packed_segments(*RAGGED)
+    t = len(seg.segment)
+    got = seg.block_mask
+    assert seg.block_mask is got  # built once per packed forward, shared by every layer
+    want = create_block_mask(got.mask_mod, 1, 1, t, t, device="cpu", BLOCK_SIZE=tile)
+    assert got.seq_lengths == want.seq_lengths == (t, t) and got.BLOCK_SIZE == want.BLOCK_SIZE
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.skipif(packing.flex_attention is None, reason=f"torch {torch.__version__} has no flex_attention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_forward_matches_reference_on_cpu(monkeypatch):
+    """The flex call (GQA 3:1, strided q/k/v of the whole row, the module's scale, the block mask) against the
+    sdpa reference and the prefix op, forward only: FlexAttention has no CPU backward, and its compiled CPU
+    kernel is not what runs on CUDA, so eager FlexAttention stands in for the compiled one here."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(packing, "_flex", lambda: flex_attention)
+    seg = packed_segments(*RAGGED)
+    t, scale = len(seg.segment), 0.3
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(t, n, 16, generator=gen, dtype=torch.float64).transpose(0, 1) for n in (6, 2, 2))
+    got = packing._flex_attention(q[None], k[None], v[None], seg, scale)[0].transpose(0, 1)
+    gathered = (x.transpose(0, 1).index_select(0, seg.kv_index) for x in (k, v))
+    torch.testing.assert_close(got, packing._sdpa_varlen(q.transpose(0, 1), *gathered, seg, scale),
+                               atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got, packing.PrefixAttention.apply(q, k, v, seg.pieces, scale).transpose(0, 1),
+                               atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.skipif(packing.flex_attention is None, reason=f"torch {torch.__version__} has no flex_attention")
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_branch_matches_padded_on_cpu(batch, monkeypatch):
+    """The model's packed forward through the flex branch of the attention wrapper (eager FlexAttention, forward
+    only, let past pick_backend's CUDA check) gives the padded reference's log-probs."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(packing, "_flex", lambda: flex_attention)
+    monkeypatch.setattr(packing, "pick_backend", lambda backend, device, dtype: backend)
+    prompts, completions, _ = batch
+    model = tiny_model()
+    with torch.no_grad():
+        logp = []
+        for kwargs in ({"backend": "flex"}, {"shared_prefix": False}):
+            hidden, targets, _ = packing.completion_hidden(model, prompts, completions, **kwargs)
+            logp.append(token_logprobs(hidden, model.lm_head.weight, targets))
+    torch.testing.assert_close(*logp, atol=1e-5, rtol=0)
+
+
+def test_auto_backend_choice():
+    assert packing.pick_backend("auto", torch.device("cpu"), torch.float32) == "prefix"
+    assert "CUDA" in packing.unavailable_reason("flex", "cpu", torch.bfloat16)
+    if FLEX_MISSING is None:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert packing.pick_backend("auto", torch.device(DEVICE), dtype) == "flex"
+
+
+def relative_errors(got, want) -> dict[str, float]:
+    """‖got − want‖ / ‖want‖ of the output and each gradient."""
+    pairs = zip(("out", "dq", "dk", "dv"), got, want)
+    return {name: ((g.double() - w).norm() / w.norm()).item() for name, g, w in pairs}
+
+
+def flex_and_reference(seg, dtype, head_dim):
+    """Output and q/k/v gradients of the flex op on CUDA (GQA 7:1, inputs strided as the model hands them)
+    and of the sdpa reference in fp64 on the same (dtype-rounded) values."""
+    t, scale = len(seg.segment), head_dim ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(t, n, head_dim, generator=gen).to(DEVICE, dtype) for n in (14, 2, 2, 14))
+    results = []
+    for wide in (False, True):
+        inputs = [x.to(torch.float64 if wide else dtype).transpose(0, 1).requires_grad_() for x in (q, k, v)]
+        if wide:
+            gathered = (x.transpose(0, 1).index_select(0, seg.kv_index) for x in inputs[1:])
+            out = packing._sdpa_varlen(inputs[0].transpose(0, 1), *gathered, seg, scale)
+        else:
+            out = packing._flex_attention(*(x[None] for x in inputs), seg, scale)[0].transpose(0, 1)
+        results.append([out, *torch.autograd.grad(out, inputs, grad.to(out.dtype))])
+    return results
+
+
+@requires_flex
+def test_flex_matches_reference_on_cuda():
+    """Values and q/k/v gradients of the compiled flex op in fp32 (IEEE dots) at 7B's head_dim 128 against the
+    fp64 sdpa reference, on rows of three lengths (ragged prompts and answers; 9, 7 and 12 tiles of 128
+    tokens, the last one partial); only the first compiles (packing._flex compiles with dynamic shapes)."""
+    rows = [([300, 77, 150], [[130, 9, 64], [200, 1], [5, 140]]), ([513], [[3, 257, 40, 1]]),
+            ([90, 600], [[31, 7, 300], [129, 128, 2, 200]])]
+    for i, row in enumerate(rows):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            errors = relative_errors(*flex_and_reference(packed_segments(*row, device=DEVICE), torch.float32, 128))
+        assert max(errors.values()) < 1e-5, (i, errors)
+
+
+@requires_flex
+def test_flex_backward_is_deterministic():
+    """In bf16 (head_dim 16, the compile the saved-bytes test below reuses), two backward passes over the same
+    inputs give bitwise-identical q/k/v gradients (no atomics), within bf16 error of the fp64 reference."""
+    seg = packed_segments([300, 77], [[130, 9, 64], [200, 1]], device=DEVICE)
+    (first, want), (second, _) = (flex_and_reference(seg, torch.bfloat16, 16) for _ in range(2))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), name
+    errors = relative_errors(first, want)
+    assert max(errors.values()) < 2e-2, errors
+
+
+@requires_flex
+def test_flex_saves_no_more_than_the_ideal():
+    """Issue 16's bound on CUDA for the flex backend (bf16, 7B's GQA 7:1 and MLP ratio, head_dim 16, a 48-token
+    video prompt, G = 8 answers of 12 tokens): at most 1.25x the bytes one plain causal forward saves."""
+    prompt, answers = video_group((2, 8, 8), 48, group=8, answer=12)
+    prompt = {key: value.to(DEVICE) for key, value in prompt.items()}
+    answers = [a.to(DEVICE) for a in answers]
+    model = proportioned_model(head_dim=16).to(DEVICE, torch.bfloat16)
+    forwards = group_forwards(model, prompt, answers)
+    forwards["packed_flex"]().float().sum().backward()  # compile outside the measurement
+    model.zero_grad(set_to_none=True)
+    flex, ideal = (saved_bytes(model, forwards[path])[0] for path in ("packed_flex", "ideal"))
+    assert flex <= 1.25 * ideal, (flex, ideal)
 
 
 def test_packed_forward_saves_no_more_than_the_ideal():

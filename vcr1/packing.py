@@ -10,28 +10,37 @@ runs the vision tower once per video, and attends so that a prompt is causal ove
 answer sees its prompt plus, causally, itself (never a sibling): P + G·C tokens of work instead of
 G·(P + C).
 
-Attention backends: "prefix" (any device) reads the prompt's keys/values where they lie, once for all
-G answers, and keeps for backward only q, k, v, the output and the log-sum-exp (the memory of one plain
-causal forward over the packed row). "flash" and "torch" (CUDA varlen kernels) and "sdpa" (the
-reference: one masked SDPA call per segment) take a copy of the prompt's keys/values per answer.
+Attention backends: "flex" (CUDA: FlexAttention with a block mask of the packed row's structure) and
+"prefix" (any device: PrefixAttention, plain torch) read the prompt's keys/values where they lie, once for
+all G answers, and keep for backward only q, k, v, the output and the log-sum-exp (the memory of one
+plain causal forward over the packed row). "flash" and "torch" (CUDA varlen kernels, the earlier fast
+paths, now explicit options) and "sdpa" (the reference: one masked SDPA call per segment) take a copy of
+the prompt's keys/values per answer.
 """
 from __future__ import annotations
 
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache, cached_property, partial
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+try:  # torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:
+    BlockMask = flex_attention = None
+
 from vcr1.model import answer_positions, hidden_states, prompt_positions
 
-ATTENTION_BACKENDS = ("flash", "torch", "prefix", "sdpa")  # the order "auto" tries them in
+ATTENTION_BACKENDS = ("flex", "flash", "torch", "prefix", "sdpa")  # the order "auto" tries them in
 # Query rows per block of scores in the prefix backend: bounds its transient memory (128 gave both the
 # lowest peak and time of 1024/256/128 on CPU at bench/test_bench_memory.py's 782-token prompt).
 BLOCK = 128
+# The flex backend's sparse block (query rows x key columns; FlexAttention's default and its kernels' tile).
+FLEX_BLOCK = 128
 
 
 def _prompt(model, inputs: dict) -> dict:
@@ -103,6 +112,11 @@ class PackedSegments:
     k1, causal) has queries q0:q1 attend to keys k0:k1, causally (key ≤ query) or to all of them. A
     prompt is one causal piece; a group's answers are one non-causal piece on their prompt plus a
     causal piece each on themselves, merged by log-sum-exp.
+
+    The flex backend reads the row's tokens' segment, group and is-prompt flag ([T] each) through
+    `block_mask`, built on first use and then reused by every layer of the packed forward (and by a
+    gradient-checkpointing replay, which hands the same object). It is a cached_property, which writes the
+    instance's __dict__ directly, so it would keep working were the class made frozen.
     """
     cu_q: torch.Tensor
     cu_k: torch.Tensor
@@ -110,14 +124,78 @@ class PackedSegments:
     max_q: int
     max_k: int
     pieces: tuple[tuple[int, int, int, int, bool], ...]
+    segment: torch.Tensor  # [T] int32: the segment each token belongs to (a prompt, or one answer)
+    group: torch.Tensor  # [T] int32: the group (prompt and its answers) each token belongs to
+    prompt: torch.Tensor  # [T] bool: whether the token is a prompt token
     backend: str  # "auto" or one of ATTENTION_BACKENDS
+
+    @cached_property
+    def block_mask(self) -> BlockMask:
+        mask_mod = _mask_mod(self.segment, self.group, self.prompt)
+        return _block_mask(mask_mod, len(self.segment), self.segment.device)
+
+
+def _mask_mod(segment: torch.Tensor, group: torch.Tensor, prompt: torch.Tensor):
+    """FlexAttention's mask_mod of the packed row: query q sees key k within its own segment causally, and
+    an answer token sees every prompt token of its group (never a sibling answer)."""
+    def mask_mod(b, h, q, k):
+        own = (segment[q] == segment[k]) & (k <= q)
+        return own | (~prompt[q] & prompt[k] & (group[q] == group[k]))
+    return mask_mod
+
+
+def _block_mask(mask_mod, t: int, device: torch.device) -> BlockMask:
+    """mask_mod's BlockMask over a row of t tokens, in FLEX_BLOCK tiles.
+
+    The same tiles as create_block_mask (tests/test_packing.py checks), but mask_mod is evaluated 16 query
+    tiles at a time: transient memory of 16·FLEX_BLOCK·t booleans, where create_block_mask evaluates the
+    whole [t, t] mask at once (0.2 GB per intermediate at the 14k-token row of a 768-frame group).
+    """
+    n = -(-t // FLEX_BLOCK)
+    keys = torch.arange(n * FLEX_BLOCK, device=device)
+    counts = []  # allowed (query, key) pairs per tile; positions past the row count as masked
+    for r0 in range(0, n * FLEX_BLOCK, 16 * FLEX_BLOCK):
+        rows = torch.arange(r0, min(r0 + 16 * FLEX_BLOCK, n * FLEX_BLOCK), device=device)[:, None]
+        allowed = mask_mod(0, 0, rows.clamp(max=t - 1), keys.clamp(max=t - 1)) & (rows < t) & (keys < t)
+        counts.append(allowed.view(-1, FLEX_BLOCK, n, FLEX_BLOCK).sum((1, 3)))
+    counts = torch.cat(counts)
+    full = counts == FLEX_BLOCK ** 2  # tiles that need no mask_mod in the kernel
+
+    def ordered(tiles):  # FlexAttention's layout: per query tile, how many key tiles, then which
+        tiles = tiles.to(torch.int32)
+        return (tiles.sum(-1, dtype=torch.int32)[None, None],
+                tiles.argsort(dim=-1, descending=True, stable=True).to(torch.int32)[None, None])
+
+    block_mask = BlockMask.from_kv_blocks(*ordered((counts > 0) & ~full), *ordered(full), BLOCK_SIZE=FLEX_BLOCK,
+                                          mask_mod=mask_mod, seq_lengths=(t, t))
+    # Tile counts symbolic from the first compile of _flex on: dynamo would otherwise specialise the first
+    # row's and recompile at the second length.
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        tiles = getattr(block_mask, name)
+        torch._dynamo.maybe_mark_dynamic(tiles, list(range(2, tiles.dim())))
+    return block_mask
 
 
 def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
-    """Why a packed-attention backend cannot run on this device and dtype, or None when it can."""
+    """Why a packed-attention backend cannot run on this device and dtype, or None when it can.
+
+    "prefix" and "sdpa" run anywhere. "flex" needs CUDA (torch's FlexAttention has no CPU backward), fp16,
+    bf16 or fp32, and Triton; "flash" and "torch" need CUDA, fp16 or bf16, and their package.
+    """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {ATTENTION_BACKENDS} or 'auto'")
     if backend in ("prefix", "sdpa"):
+        return None
+    if backend == "flex":
+        if flex_attention is None:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+        if torch.device(device).type != "cuda":
+            return f"flex attention needs a CUDA device (torch {torch.__version__} has no CPU backward for it)"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"flex attention needs fp16, bf16 or fp32, not {dtype}"
+        if importlib.util.find_spec("triton") is None:
+            return "flex attention compiles Triton kernels; triton is not installed"
         return None
     if torch.device(device).type != "cuda":
         return f"{backend} varlen attention needs a CUDA device"
@@ -132,7 +210,8 @@ def unavailable_reason(backend: str, device, dtype: torch.dtype) -> str | None:
 
 @cache
 def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend "auto" resolves to (the first available of ATTENTION_BACKENDS), or the requested one, checked."""
+    """The backend "auto" resolves to (the first available of ATTENTION_BACKENDS: flex on CUDA, prefix on
+    CPU), or the requested one, checked."""
     if backend == "auto":
         return next(b for b in ATTENTION_BACKENDS if unavailable_reason(b, device, dtype) is None)
     if reason := unavailable_reason(backend, device, dtype):
@@ -235,6 +314,27 @@ class PrefixAttention(torch.autograd.Function):
         return dq.view(h, t, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+@cache
+def _flex():
+    """flex_attention compiled once per process (not at import: creating the wrapper loads dynamo, about 1 s).
+
+    dynamic=True keeps the row length T symbolic (and _block_mask marks the tile counts dynamic), so rows
+    of every length share one compiled graph per dtype, head shape and grad mode (rows of one tile,
+    T <= FLEX_BLOCK, get their own: dynamo specialises size-1 dims). Seen with backend="aot_eager" on CPU,
+    torch 2.13; tests/test_packing.py checks on CUDA that new lengths compile nothing. The alternative,
+    padding T to a multiple of FLEX_BLOCK, would copy q, k and v in every layer and still compile once per
+    padded length.
+    """
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(query, key, value, seg: PackedSegments, scale: float) -> torch.Tensor:
+    """The whole packed row under its block mask: query [1, heads, T, d], key and value [1, kv_heads, T, d]
+    (any strides), GQA native; nothing gathered or repeated. FlexAttention's Triton backward computes dQ
+    and dK/dV in separate programs, each summing in a fixed order (no atomics): deterministic."""
+    return _flex()(query, key, value, block_mask=seg.block_mask, scale=scale, enable_gqa=True)
+
+
 def _flash_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
     """flash-attn (>= 2.1 aligns causal bottom-right when q is shorter than k; GQA native)."""
     from flash_attn import flash_attn_varlen_func
@@ -261,6 +361,10 @@ def _torch_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
     return varlen_attn(q.contiguous(), k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, **kwargs)
 
 
+# These take the prompt's K/V gathered per answer (kv_index; an atomic index_add in backward): a segment's
+# keys must be contiguous for the varlen kernels. Not copying would take two calls merged by log-sum-exp
+# with a gradient through the log-sum-exp, which their autograd functions do not give; on CUDA, "flex"
+# is the no-copy path, and flash/torch stay selectable as the previous fast paths.
 _VARLEN = {"flash": _flash_varlen, "torch": _torch_varlen, "sdpa": _sdpa_varlen}
 
 
@@ -275,6 +379,8 @@ def _attention(module, query, key, value, attention_mask, *args, fallback, **kwa
     if backend == "prefix":
         out = PrefixAttention.apply(query[0], key[0], value[0], seg.pieces, module.scaling)
         return out.transpose(0, 1).unsqueeze(0), None
+    if backend == "flex":
+        return _flex_attention(query, key, value, seg, module.scaling).transpose(1, 2), None
     q = query[0].transpose(0, 1)  # [1, heads, T, head_dim] -> [T, heads, head_dim]
     k, v = (t[0].transpose(0, 1).index_select(0, seg.kv_index) for t in (key, value))
     return _VARLEN[backend](q, k, v, seg, module.scaling).unsqueeze(0), None
@@ -307,9 +413,9 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
     row, then t/h/w), the attention segments, and the row of the hidden state that predicts each
     completion token."""
     device = prompts[0]["ids"].device
-    ids, positions, queries, keys, rows, pieces = [], [], [], [], [], []
+    ids, positions, queries, keys, rows, pieces, owner, is_prompt = [], [], [], [], [], [], [], []
     offset = 0
-    for prompt, completions in zip(prompts, completions_list):
+    for g, (prompt, completions) in enumerate(zip(prompts, completions_list)):
         n = len(prompt["ids"])
         total = sum(len(c) for c in completions)
         pieces += [(offset, offset + n, offset, offset + n, True),
@@ -319,6 +425,8 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
         positions.append(torch.cat([torch.arange(n, device=device)[None], prompt["positions"]]))
         queries.append(span)
         keys.append(span)
+        owner.append(g)
+        is_prompt.append(True)
         offset += n
         for c in completions:
             own = torch.arange(offset, offset + len(c), device=device)
@@ -327,6 +435,8 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
             positions.append(torch.cat([text, answer_positions(prompt["positions"], len(c))]))
             queries.append(own)
             keys.append(torch.cat([span, own]))
+            owner.append(g)
+            is_prompt.append(False)
             # The prompt's last token predicts every answer's first token.
             rows.append(torch.cat([span[-1:], own[:-1]]))
             pieces.append((offset, offset + len(c), offset, offset + len(c), True))
@@ -335,8 +445,14 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
     def cumulative(spans):
         return F.pad(torch.tensor([len(s) for s in spans], device=device).cumsum(0), (1, 0)).to(torch.int32)
 
+    def per_token(values, dtype):  # one value per segment, repeated over its tokens
+        lengths = torch.tensor([len(s) for s in queries], device=device)
+        return torch.tensor(values, dtype=dtype, device=device).repeat_interleave(lengths, output_size=offset)
+
     segments = PackedSegments(cumulative(queries), cumulative(keys), torch.cat(keys),
-                              max(map(len, queries)), max(map(len, keys)), tuple(pieces), backend)
+                              max(map(len, queries)), max(map(len, keys)), tuple(pieces),
+                              per_token(list(range(len(queries))), torch.int32), per_token(owner, torch.int32),
+                              per_token(is_prompt, torch.bool), backend)
     return torch.cat(ids), torch.cat(positions, 1), segments, torch.cat(rows)
 
 

@@ -96,13 +96,17 @@ def ideal_hidden(model, prompt: dict, answers: list[torch.Tensor]) -> torch.Tens
 def group_forwards(model, prompt: dict, answers: list[torch.Tensor]) -> dict:
     """The group forward of one group per path, each returning the completion tokens' hidden states:
     the packed row (the prefix backend), the packed row with the copying reference backend (sdpa), the
-    repeated-prompt padded batch, and the ideal."""
-    return {
+    repeated-prompt padded batch, and the ideal; and, where the model's device and dtype run it (CUDA),
+    the packed row with the flex backend ("packed_flex")."""
+    forwards = {
         "packed": lambda: packing.completion_hidden(model, [prompt], [answers], backend="prefix")[0],
         "packed_sdpa": lambda: packing.completion_hidden(model, [prompt], [answers], backend="sdpa")[0],
         "padded": lambda: packing.completion_hidden(model, [prompt], [answers], shared_prefix=False)[0],
         "ideal": lambda: ideal_hidden(model, prompt, answers),
     }
+    if packing.unavailable_reason("flex", model.device, model.dtype) is None:
+        forwards["packed_flex"] = lambda: packing.completion_hidden(model, [prompt], [answers], backend="flex")[0]
+    return forwards
 
 
 def group_saved_bytes(model, prompt: dict, answers: list[torch.Tensor]) -> dict[str, int]:
