@@ -41,8 +41,8 @@ PHASES = (
     ("head_speed", 80, 90),
     ("cuda_tests", 90, 90),
     ("rollout", 50, 90),
-    ("group_forward", 50, 90),
-    ("nvdec", 40, 60),
+    ("group_forward", 65, 90),  # includes the first flex compile, timed apart
+    ("nvdec", 25, 60),
     ("grpo_step", 90, 120),
 )
 # Test files whose CUDA paths run when a GPU is there (the rest of the suite is the same on both).
@@ -587,6 +587,12 @@ def phase_group_forward(r: Report, smoke: bool, work: Path, limit: float):
         (hidden.float() * weights).sum().backward()
         model.zero_grad(set_to_none=True)
 
+    # The first call of the auto path compiles its kernels (flex on CUDA): timed apart, so that neither its
+    # saved-bytes count nor its median includes the compile.
+    start = time.perf_counter()
+    forward_backward(forwards["packed_auto"])
+    sync()
+    r["results"]["auto_first_call_s"] = time.perf_counter() - start
     for name in ("packed_auto", "packed", "ideal", "padded", "packed_sdpa"):
         step = functools.partial(forward_backward, forwards[name])
         row = {"saved_bytes": saved_bytes(model, forwards[name])[0]}
@@ -609,7 +615,8 @@ def phase_group_forward(r: Report, smoke: bool, work: Path, limit: float):
     r.ratio("padded_over_packed_time", paths["padded"]["median_s"] / paths["packed_auto"]["median_s"], ">= 4")
     r.ratio("padded_over_packed_saved", paths["padded"]["saved_bytes"] / paths["packed_auto"]["saved_bytes"], ">= 3")
     r.ratio("padded_over_packed_peak", paths["padded"]["peak_bytes"] / paths["packed_auto"]["peak_bytes"])
-    r.ratio("packed_auto_over_ideal_saved", paths["packed_auto"]["saved_bytes"] / paths["ideal"]["saved_bytes"])
+    r.ratio("packed_auto_over_ideal_saved", paths["packed_auto"]["saved_bytes"] / paths["ideal"]["saved_bytes"],
+            "<= 1.25")
     r.ratio("packed_prefix_over_ideal_saved", paths["packed"]["saved_bytes"] / paths["ideal"]["saved_bytes"],
             "<= 1.25")  # the bound tests/test_packing.py pins
 
