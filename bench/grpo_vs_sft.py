@@ -2,12 +2,13 @@
 
     python bench/grpo_vs_sft.py [--seeds 0 1 2] [--threads 2] [--out outputs/grpo_vs_sft]
 
-For each seed it runs the embedded default (the warm-up, then GRPO) and a baseline that continues the
-warm-up for as many extra steps as GRPO takes, on the same training examples. Both evaluate the synthetic
-held-out split; the warm-up is the same in both (same seed), so they share the "before" figures. Prints
-per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max spread over seeds)
-and writes the figures to bench/results/grpo_vs_sft.json. Runs one training at a time (they share the
-CPU): about 10 minutes per seed on 2 cores. Not a timed test.
+For each seed it runs the embedded default (GRPO from the shipped warm start, vcr1/warm_start.py) and a
+baseline that instead continues the warm start's supervised training for as many steps as GRPO takes, on
+the same training examples (the seed's synthetic train split) at the warm-up's learning rate. Both start
+from the same weights and evaluate the seed's synthetic held-out split, so they share the "before"
+figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
+spread over seeds) and writes the figures to bench/results/grpo_vs_sft.json. Runs one training at a time
+(they share the CPU): about 7 minutes per seed on 2 cores. Not a timed test.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def main(argv=None):
     sys.path.append(str(REPO))  # an uninstalled checkout still finds vcr1, after installed packages
     from vcr1.config import parse_config
     from vcr1.metrics import HEADLINE
+    from vcr1.monitor import ACCURACY_COMPONENTS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -57,8 +59,16 @@ def main(argv=None):
     default = parse_config([])
     warm, extra = default.sft.steps, default.max_steps
     figures = {}  # "task metric" -> {"before": [...], "grpo": [...], "sft": [...]}
+    rewards = {}  # "reward/<task>/<component>" -> {"first fifth": [...], "last fifth": [...]}, GRPO's train rewards
     for seed in args.seeds:
-        grpo = _evals(_train(args.out / f"grpo-{seed}", seed, args.threads))
+        rows = _train(args.out / f"grpo-{seed}", seed, args.threads)
+        grpo = _evals(rows)
+        steps = [r for r in rows if r["stage"] == "grpo"]
+        fifth = max(1, len(steps) // 5)
+        for key in sorted({k for r in steps for k in r if k.rsplit("/", 1)[-1] in ACCURACY_COMPONENTS}):
+            for name, part in (("first fifth", steps[:fifth]), ("last fifth", steps[-fifth:])):
+                values = [r[key] for r in part if r.get(key) is not None]
+                rewards.setdefault(key, {}).setdefault(name, []).append(sum(values) / len(values))
         sft = _evals(_train(args.out / f"sft-{seed}", seed, args.threads, "--stage", "sft",
                             "--sft.steps", str(warm + extra), "--eval_before_after", "true"))
         for task, names in HEADLINE.items():
@@ -73,12 +83,17 @@ def main(argv=None):
 
     report = {"device": platform.processor() or platform.machine(), "threads": args.threads, "seeds": args.seeds,
               "warm_up_steps": warm, "extra_steps": extra,
-              "metrics": {k: {arm: _summary(v) for arm, v in row.items()} for k, row in figures.items()}}
+              "metrics": {k: {arm: _summary(v) for arm, v in row.items()} for k, row in figures.items()},
+              "grpo_train_rewards": {k: {part: _summary(v) for part, v in row.items()} for k, row in rewards.items()}}
     print(f"held-out metric (%)   {'before':>13} {'after GRPO':>13} {'after more SFT':>15}   "
           f"(mean ± half-range over seeds {args.seeds})")
     for name, arms in report["metrics"].items():
         cells = [f"{arms[a]['mean']:6.1f} ± {arms[a]['spread']:4.1f}" for a in ("before", "grpo", "sft")]
         print(f"{name:<20} {cells[0]:>13} {cells[1]:>13} {cells[2]:>15}")
+    print(f"GRPO train reward           {'first fifth':>13} {'last fifth':>13}")
+    for key, parts in report["grpo_train_rewards"].items():
+        cells = [f"{parts[p]['mean']:.3f} ± {parts[p]['spread']:.3f}" for p in ("first fifth", "last fifth")]
+        print(f"{key:<27} {cells[0]:>13} {cells[1]:>13}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "grpo_vs_sft.json").write_text(json.dumps(report, indent=1))
 

@@ -143,3 +143,20 @@ def test_gqa_answer_names_what_appears_in_glue(paths):
             assert words(answer, COLORS) in ([], [color]), (s.uid, answer, color)
             assert words(answer, SHAPES) in ([], [max(iou, key=iou.get)]), (s.uid, answer, iou)
             assert words(answer, COLORS + SHAPES)  # the answer names a colour, a shape or both
+
+
+def test_gqa_options_are_colours_in_a_fixed_order(paths):
+    for split in SPLITS:
+        for s in samples(paths, split, "gqa"):
+            texts = [o[4:] for o in s.fields["options"]]
+            assert len(set(texts)) == 5 and set(texts) <= set(COLORS)
+            assert texts == sorted(texts, key=COLORS.index), s.uid
+
+
+def test_tracked_objects_drift_slowly_but_move(paths):
+    for split in SPLITS:
+        for s in samples(paths, split, "tracking"):
+            boxes = np.array(s.solution["boxes"])
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            assert np.abs(np.diff(centres[:7], axis=0)).max() < 0.15, s.uid  # slow between picked frames
+            assert np.abs(centres[6] - centres[0]).max() > 0, s.uid  # yet it moves

@@ -15,6 +15,7 @@ import yaml
 
 from vcr1.data.annotations import FORMATS
 from vcr1.prompts import TASKS
+from vcr1.warm_start import WARM_START
 from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -46,6 +47,8 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     path: str | None = opt(None, "local Qwen2.5-VL checkpoint dir; unset = the tiny embedded default")
+    init: str | None = opt(None, "weights the tiny embedded model starts from (a file `python -m vcr1.warm_start` "
+                                 "writes); unset = random; the embedded default starts from vcr1's warm start")
     dtype: str = opt("bf16", "parameter/compute dtype", DTYPE_NAMES)
     attn: str = opt("sdpa", "attention implementation of the HF model", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward")
@@ -157,8 +160,10 @@ class TrainConfig:
     wandb: bool = opt(False, "also log to Weights & Biases")
 
 
-# The embedded default: small enough to finish in minutes on 2 CPU cores, and show learning.
+# The embedded default: small enough to finish in minutes on 2 CPU cores, and show learning. GRPO starts
+# from the shipped warm start (vcr1/warm_start.py); the sft.* values are its recipe's, for --sft.steps N.
 TINY_PRESET = {
+    "model.init": str(WARM_START),
     "model.dtype": "fp32",
     "model.gradient_checkpointing": False,
     "data.think": False,
@@ -167,10 +172,12 @@ TINY_PRESET = {
     "data.video.total_pixels": 16 * 112 * 112,
     "data.video.max_pixels": 112 * 112,
     "data.video.min_pixels": 56 * 56,
-    "grpo.num_generations": 4,
+    "data.synthetic_train": 64,
+    "data.synthetic_test": 48,
+    "grpo.num_generations": 8,
     "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
     "grpo.beta": 0.01,
-    "sft.steps": 120,
+    "sft.steps": 0,
     "sft.lr": 2e-3,
     "sft.batch_size": 8,
     "optim.lr": 3e-4,
@@ -178,9 +185,10 @@ TINY_PRESET = {
     "engine.zero_stage": 0,
     "engine.offload": False,
     "prompts_per_step": 6,  # 2 prompts per task with interleave_tasks
-    "max_steps": 80,
+    "max_steps": 150,
     "epochs": 100,  # max_steps decides the length
-    "save_every": 40,
+    "save_every": 75,
+    "eval_limit": 144,  # the whole held-out split: 48 per task
     "eval_before_after": True,
     "samples_every": 10,
 }
@@ -325,6 +333,10 @@ def _validate(cfg: TrainConfig):
         raise ConfigError("--model.dtype fp16 needs a CUDA GPU (DeepSpeed has no fp16 mode on CPU); use bf16 or fp32")
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"--model {cfg.model.path}: no such directory")
+    if cfg.model.init is not None and cfg.model.path is not None:
+        raise ConfigError("--model.init sets the tiny embedded model's weights; a --model checkpoint has its own")
+    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
+        raise ConfigError(f"--model.init {cfg.model.init}: no such file (`python -m vcr1.warm_start` builds it)")
     for key in ("datasets", "eval_datasets"):
         for ds in getattr(cfg.data, key):
             if not Path(ds["annotations"]).is_file():

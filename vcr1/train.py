@@ -67,7 +67,7 @@ class Trainer:
         with self.phase("setup/model"):
             self.tokenizer = load_tokenizer(cfg.model.path)
             model = load_model(cfg.model.path, self.tokenizer, dtype=cfg.model.dtype, attn=cfg.model.attn,
-                               seed=cfg.seed).to(self.device)
+                               seed=cfg.seed, init=cfg.model.init).to(self.device)
             install_lm_head(model)
             if cfg.engine.nvtx:
                 enable_nvtx(model.model.visual)

@@ -1,0 +1,100 @@
+"""The embedded default's warm start: the tiny model after a long supervised warm-up, shipped with vcr1.
+
+A randomly initialised 1.4M-parameter model needs well over a thousand supervised steps before it writes
+tracking's eight boxes or tells the shapes apart, more than the default run's few minutes allow. So the
+default run starts GRPO from this file, and its minutes go to GRPO.
+
+    python -m vcr1.warm_start [--out FILE]
+
+rebuilds it: a supervised-only run of vcr1/train.py with RECIPE, on a synthetic set of its own seed (so
+the default run's examples, of seeds 0, 1, ..., are new to it), then the final weights written to
+WARM_START with the recipe and a fingerprint of the tokenizer in the file's metadata. The run is
+deterministic: the same recipe, torch version and THREADS give the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
+RECIPE = (
+    "--stage", "sft", "--seed", "1000", "--sft.steps", "1500", "--sft.lr", "2e-3", "--sft.batch_size", "8",
+    "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72",
+    "--eval_before_after", "true", "--save_every", "100000", "--model.init", "none",
+)
+THREADS = 2  # CPU kernels split work by thread count: a rebuild matches bit for bit only at the same count
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and merges: weights only fit the tokenizer they were trained with."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def load_warm_start(model, path, tokenizer) -> dict:
+    """Load the weights of `path` into the tiny `model` (every parameter, same shapes); returns the metadata.
+
+    Raises ValueError when the file was built for another tokenizer (the tokenizer is rebuilt from the
+    prompts, so changing a prompt changes it): rebuild with `python -m vcr1.warm_start`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("vcr1", "{}"))
+    if meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path} was built for another tokenizer (fingerprint {meta.get('tokenizer')}, this one "
+                         f"{tokenizer_fingerprint(tokenizer)}); rebuild it with `python -m vcr1.warm_start`")
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return meta
+
+
+def build(out: Path = WARM_START, recipe=RECIPE, threads: int = THREADS, work: Path | None = None) -> dict:
+    """Run the recipe's supervised warm-up and write its final weights to `out`; returns the metadata."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work or tmp)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        train = Path(__file__).resolve().parent / "train.py"
+        subprocess.run([sys.executable, str(train), *recipe, "--output_dir", str(work), "--resume", "false"],
+                       env=env, check=True)
+        return export(work, out, recipe, threads)
+
+
+def export(run_dir: Path, out: Path, recipe, threads: int) -> dict:
+    """Write the final weights of the finished warm-up run in `run_dir` to `out`, with their metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vcr1.checkpoint import find_checkpoint
+    from vcr1.model import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    model = load_model(str(find_checkpoint(Path(run_dir), required=True)), tokenizer)
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    final_eval = {k: v for r in rows if r["stage"] == "eval" for k, v in r.items() if k.startswith("eval/")}
+    meta = {"tokenizer": tokenizer_fingerprint(tokenizer), "recipe": " ".join(recipe), "threads": str(threads),
+            "torch": torch.__version__, "eval": json.dumps(final_eval, sort_keys=True)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One metadata entry: safetensors writes several in hash order, which would vary the file's bytes.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out),
+              metadata={"vcr1": json.dumps(meta, sort_keys=True)})
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=WARM_START)
+    args = p.parse_args(argv)
+    meta = build(args.out)
+    print(f"wrote {args.out}: {meta}")
+
+
+if __name__ == "__main__":
+    main()
