@@ -77,11 +77,11 @@ def write_json(path: Path, data) -> None:
 def run_phase(name: str, limit: float, work: Path, smoke: bool, log) -> dict:
     """Runs one phase in a new process group (so its children die with it at the limit) and returns its JSON,
     marked timeout/error when the process did not finish cleanly."""
-    env = dict(os.environ, VCR1_BENCH_RESULTS=str(work / "bench_results"), PYTHONUNBUFFERED="1")
+    from vcr1.engine import standalone_env
+
     # A phase is a process of its own: a caller's process-group variables (a test runner that built a
     # trainer in-process holds MASTER_PORT open) would make the phase's trainer join or collide with it.
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = standalone_env(VCR1_BENCH_RESULTS=str(work / "bench_results"), PYTHONUNBUFFERED="1")
     if smoke:  # the CPU mode, even on a GPU machine; Triton in its interpreter
         env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--work", str(work),

@@ -25,9 +25,9 @@ RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
 
 def _train(out: Path, seed: int, threads: int, *extra: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    from vcr1.engine import standalone_env
+
+    env = standalone_env(OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(REPO / "vcr1/train.py"), "--seed", str(seed), "--output_dir", str(out),
            "--data.synthetic_dir", str(out.parent / f"synthetic-{seed}"), "--resume", "auto", *extra]
     run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

@@ -103,3 +103,14 @@ def test_checked_adamw_skips_non_finite_gradients_and_clips_by_the_global_norm()
     assert not opt.overflow and opt._global_grad_norm == pytest.approx(5.0)  # reported before clipping
     assert math.isclose(float(torch.cat([params[0].grad, params[1].grad]).norm()), 1.0, rel_tol=1e-5)
     assert not any(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_standalone_env_drops_the_process_group_and_keeps_the_rest(monkeypatch):
+    from vcr1.engine import PROCESS_GROUP_VARIABLES, standalone_env
+
+    for key in PROCESS_GROUP_VARIABLES:
+        monkeypatch.setenv(key, "1")
+    monkeypatch.setenv("VCR1_KEEP", "yes")
+    env = standalone_env(OMP_NUM_THREADS="3")
+    assert not set(PROCESS_GROUP_VARIABLES) & set(env)
+    assert env["VCR1_KEEP"] == "yes" and env["OMP_NUM_THREADS"] == "3"

@@ -17,6 +17,7 @@ from vcr1 import grpo, train
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
+from vcr1.engine import standalone_env
 from vcr1_testing import REPO
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
@@ -267,9 +268,7 @@ def test_every_listed_attention_trains_a_step_or_is_refused_at_start(tmp_path, s
         cmd = [sys.executable, str(REPO / "vcr1/train.py"), *_args(out, synthetic, "--model.attn", value,
                                                                    "--sft.steps", "1", "--max_steps", "1")]
         # A fresh shell's environment: earlier in-process runs set this process's torch.distributed variables.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=standalone_env())
         if run.returncode == 0:
             assert [row["stage"] for row in _metrics(out)] == ["sft", "grpo"], value
         else:
@@ -281,10 +280,9 @@ def test_every_listed_attention_trains_a_step_or_is_refused_at_start(tmp_path, s
 def _train_process(out, synthetic, *extra) -> subprocess.Popen:
     """`python vcr1/train.py` as a new process with a fresh shell's environment (earlier in-process runs
     set this process's torch.distributed variables)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     cmd = [sys.executable, str(REPO / "vcr1/train.py"), *_args(out, synthetic, *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env=standalone_env())
 
 
 def _finish(proc, timeout=600) -> str:

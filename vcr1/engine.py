@@ -14,6 +14,16 @@ import socket
 import torch
 import torch.distributed as dist
 
+# What torchrun (or init_distributed, for a world of one) puts in a process's environment.
+PROCESS_GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def standalone_env(**overrides: str) -> dict:
+    """This process's environment without its process-group variables, plus `overrides`: for a child
+    process that must start a world of its own, not join (or collide on the port of) this one's."""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
+    return {**env, **overrides}
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Plain `python vcr1/train.py` runs as a world of one."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -56,11 +55,11 @@ def load_warm_start(model, path, tokenizer) -> dict:
 
 def build(out: Path = WARM_START, recipe=RECIPE, threads: int = THREADS, work: Path | None = None) -> dict:
     """Run the recipe's supervised warm-up and write its final weights to `out`; returns the metadata."""
+    from vcr1.engine import standalone_env
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work or tmp)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
+        env = standalone_env(OMP_NUM_THREADS=str(threads))
         train = Path(__file__).resolve().parent / "train.py"
         subprocess.run([sys.executable, str(train), *recipe, "--output_dir", str(work), "--resume", "false"],
                        env=env, check=True)
