@@ -7,8 +7,10 @@ baseline that instead continues the warm start's supervised training for as many
 the same training examples (the seed's synthetic train split) at the warm-up's learning rate. Both start
 from the same weights and evaluate the seed's synthetic held-out split, so they share the "before"
 figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
-spread over seeds) and writes the figures to bench/results/grpo_vs_sft.json. Runs one training at a time
-(they share the CPU): about 7 minutes per seed on 2 cores. Not a timed test.
+spread over seeds) and, for the temporal mIoUs, the blind answer's (one span per video duration, fitted on
+the train split without looking at any video: vcr1.metrics.blind_span_baseline); writes the figures to
+bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 12 minutes per
+seed on 2 cores; a run already finished under --out is read back, not redone. Not a timed test.
 """
 from __future__ import annotations
 
@@ -24,20 +26,40 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
 
-def _train(out: Path, seed: int, threads: int, *extra: str) -> list[dict]:
+def _train(out: Path, seed: int, threads: int, last_step: int, *extra: str) -> list[dict]:
+    """The run's metrics rows; a run that already evaluated at its last step (an earlier call) is not redone."""
     from vcr1.engine import standalone_env
 
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        if any(r["stage"] == "eval" and r["step"] == last_step for r in rows):
+            return rows
     env = standalone_env(OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(REPO / "vcr1/train.py"), "--seed", str(seed), "--output_dir", str(out),
            "--data.synthetic_dir", str(out.parent / f"synthetic-{seed}"), "--resume", "auto", *extra]
     run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
 def _evals(rows: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in rows if r["stage"] == "eval"}
+
+
+def _blind(synthetic: Path) -> dict[str, float]:
+    """The blind answer's held-out mIoU ("tg mIoU", "gqa mIoU"): one span per duration, fitted on train."""
+    from vcr1.metrics import blind_span_baseline
+
+    def items(split, task):
+        data = json.loads((synthetic / split / f"{task}.json").read_text())
+        if task == "tg":  # Charades-STA: {video: {duration, timestamps}}
+            return [(v["duration"], v["timestamps"][:1]) for v in data.values()]
+        return [(v["duration"], v["glue"]) for v in data]  # NExT-GQA
+
+    return {f"{task} mIoU": blind_span_baseline(items("train", task), items("test", task))["mIoU"]
+            for task in ("tg", "gqa")}
 
 
 def _summary(values: list[float]) -> dict:
@@ -61,7 +83,7 @@ def main(argv=None):
     figures = {}  # "task metric" -> {"before": [...], "grpo": [...], "sft": [...]}
     rewards = {}  # "reward/<task>/<component>" -> {"first fifth": [...], "last fifth": [...]}, GRPO's train rewards
     for seed in args.seeds:
-        rows = _train(args.out / f"grpo-{seed}", seed, args.threads)
+        rows = _train(args.out / f"grpo-{seed}", seed, args.threads, warm + extra)
         grpo = _evals(rows)
         steps = [r for r in rows if r["stage"] == "grpo"]
         fifth = max(1, len(steps) // 5)
@@ -69,8 +91,9 @@ def main(argv=None):
             for name, part in (("first fifth", steps[:fifth]), ("last fifth", steps[-fifth:])):
                 values = [r[key] for r in part if r.get(key) is not None]
                 rewards.setdefault(key, {}).setdefault(name, []).append(sum(values) / len(values))
-        sft = _evals(_train(args.out / f"sft-{seed}", seed, args.threads, "--stage", "sft",
+        sft = _evals(_train(args.out / f"sft-{seed}", seed, args.threads, warm + extra, "--stage", "sft",
                             "--sft.steps", str(warm + extra), "--eval_before_after", "true"))
+        blind = _blind(args.out / f"synthetic-{seed}")
         for task, names in HEADLINE.items():
             for name in names:
                 key = f"eval/{task}/{name}"
@@ -79,17 +102,20 @@ def main(argv=None):
                     row["before"].append(grpo[warm][key])
                     row["grpo"].append(grpo[warm + extra][key])
                     row["sft"].append(sft[warm + extra][key])
+                    if f"{task} {name}" in blind:
+                        row.setdefault("blind", []).append(blind[f"{task} {name}"])
         print(f"seed {seed} done", flush=True)
 
     report = {"device": platform.processor() or platform.machine(), "threads": args.threads, "seeds": args.seeds,
               "warm_up_steps": warm, "extra_steps": extra,
               "metrics": {k: {arm: _summary(v) for arm, v in row.items()} for k, row in figures.items()},
               "grpo_train_rewards": {k: {part: _summary(v) for part, v in row.items()} for k, row in rewards.items()}}
-    print(f"held-out metric (%)   {'before':>13} {'after GRPO':>13} {'after more SFT':>15}   "
-          f"(mean ± half-range over seeds {args.seeds})")
+    print(f"held-out metric (%)   {'before':>13} {'after GRPO':>13} {'after more SFT':>15} {'blind answer':>13}"
+          f"   (mean ± half-range over seeds {args.seeds})")
     for name, arms in report["metrics"].items():
-        cells = [f"{arms[a]['mean']:6.1f} ± {arms[a]['spread']:4.1f}" for a in ("before", "grpo", "sft")]
-        print(f"{name:<20} {cells[0]:>13} {cells[1]:>13} {cells[2]:>15}")
+        cells = [f"{arms[a]['mean']:6.1f} ± {arms[a]['spread']:4.1f}" if a in arms else "-"
+                 for a in ("before", "grpo", "sft", "blind")]
+        print(f"{name:<20} {cells[0]:>13} {cells[1]:>13} {cells[2]:>15} {cells[3]:>13}")
     print(f"GRPO train reward           {'first fifth':>13} {'last fifth':>13}")
     for key, parts in report["grpo_train_rewards"].items():
         cells = [f"{parts[p]['mean']:.3f} ± {parts[p]['spread']:.3f}" for p in ("first fifth", "last fifth")]

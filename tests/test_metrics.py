@@ -1,10 +1,12 @@
 """Evaluation metrics (spec §5): hand-computed small cases, then the real annotation files with
 synthetic predictions, aggregated over every item."""
 import json
+import random
 
 import pytest
 
-from vcr1.metrics import aggregate, score_item, score_predictions
+from vcr1.metrics import aggregate, blind_span_baseline, score_item, score_predictions
+from vcr1.rewards import temporal_iou
 
 BOX = [0.0, 0.0, 0.5, 0.5]
 IOU_THIRD = [0.25, 0.0, 0.75, 0.5]   # IoU with BOX 1/3
@@ -153,3 +155,31 @@ def test_nextgqa_real(shared_data, tmp_path):
     path.write_text("".join(line(it, wrong[it["answer"]]) + "\n" for it in items), encoding="utf-8")
     assert score_predictions("gqa", path)["acc"] == 0.0
     assert score_predictions("mcq", path) == pytest.approx({"acc": 0.0, "unparseable": 0, "n": 5553, "malformed": 0})
+
+
+def test_blind_span_baseline_fits_on_train_and_scores_test():
+    # Every training span is the second half of its video: the fit is [0.5, 1.0]; it scores 100 on the same
+    # layout and 0 on videos whose span is the first 40%.
+    train = [(d, [[d / 2, d]]) for d in (6.0, 9.0, 14.0)]
+    assert blind_span_baseline(train, train) == {"start": 0.5, "end": 1.0, "mIoU": 100.0}
+    assert blind_span_baseline(train, [(10.0, [[0.0, 4.0]])])["mIoU"] == 0.0
+    with pytest.raises(ValueError):
+        blind_span_baseline([], train)
+
+
+def test_blind_span_baseline_is_the_best_constant_answer():
+    rng = random.Random(0)
+    items = []
+    for _ in range(40):
+        d = rng.uniform(5, 20)
+        s = rng.uniform(0, d - 1)
+        items.append((d, [[s, rng.uniform(s + 0.5, d)]]))
+    train, test = items[:25], items[25:]
+    got = blind_span_baseline(train, test, grid=10)
+
+    def miou(a, b, part):  # independent: tg's temporal IoU, one span per item
+        return 100 * sum(temporal_iou([a * d, b * d], spans[0]) for d, spans in part) / len(part)
+
+    lattice = [(i / 10, j / 10) for i in range(10) for j in range(i + 1, 11)]
+    assert miou(got["start"], got["end"], train) == pytest.approx(max(miou(a, b, train) for a, b in lattice))
+    assert got["mIoU"] == pytest.approx(miou(got["start"], got["end"], test))

@@ -72,6 +72,24 @@ def aggregate(task: str, items: list) -> dict:
     return out
 
 
+def blind_span_baseline(train: list, test: list, grid: int = 20) -> dict:
+    """mIoU (percent) on `test` of the best answer that ignores the video: the one span
+    [a·duration, b·duration], a < b on a 1/grid lattice of [0, 1], that scores best on `train`.
+
+    Items are (duration, ground-truth intervals): tg's one span or glue's list, scored by glue's IoU of
+    merged intervals (for one interval, tg's temporal IoU). A model's temporal mIoU shows that it reads
+    time from the video only as far as it is above this figure.
+    """
+    def miou(a, b, items):
+        return _percent([rewards.intervals_iou([[a * d, b * d]], spans) for d, spans in items])
+
+    if not train or not test:
+        raise ValueError("blind_span_baseline needs train and test items")
+    lattice = [(i / grid, j / grid) for i in range(grid) for j in range(i + 1, grid + 1)]
+    a, b = max(lattice, key=lambda ab: miou(*ab, train))
+    return {"start": a, "end": b, "mIoU": miou(a, b, test)}
+
+
 def score_predictions(task: str, path) -> dict:
     """Metrics of a JSONL file of {"completion": str, "solution": {...}} lines.
 
