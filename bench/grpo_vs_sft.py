@@ -31,17 +31,19 @@ def _train(out: Path, seed: int, threads: int, last_step: int, *extra: str) -> l
     from vcr1.engine import standalone_env
 
     metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-        if any(r["stage"] == "eval" and r["step"] == last_step for r in rows):
-            return rows
+
+    def rows():
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    if metrics.exists() and any(r["stage"] == "eval" and r["step"] == last_step for r in rows()):
+        return rows()
     env = standalone_env(OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, str(REPO / "vcr1/train.py"), "--seed", str(seed), "--output_dir", str(out),
            "--data.synthetic_dir", str(out.parent / f"synthetic-{seed}"), "--resume", "auto", *extra]
     run = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if run.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    return rows()
 
 
 def _evals(rows: list[dict]) -> dict[int, dict]:
@@ -50,13 +52,12 @@ def _evals(rows: list[dict]) -> dict[int, dict]:
 
 def _blind(synthetic: Path) -> dict[str, float]:
     """The blind answer's held-out mIoU ("tg mIoU", "gqa mIoU"): one span per duration, fitted on train."""
+    from vcr1.data.annotations import load_annotations
     from vcr1.metrics import blind_span_baseline
 
-    def items(split, task):
-        data = json.loads((synthetic / split / f"{task}.json").read_text())
-        if task == "tg":  # Charades-STA: {video: {duration, timestamps}}
-            return [(v["duration"], v["timestamps"][:1]) for v in data.values()]
-        return [(v["duration"], v["glue"]) for v in data]  # NExT-GQA
+    def items(split, task):  # the trainer's own loader: (duration, ground-truth intervals) per sample
+        samples, _ = load_annotations(task, synthetic / split / f"{task}.json", synthetic / split / task)
+        return [(x.duration, [x.solution["span"]] if task == "tg" else x.solution["glue"]) for x in samples]
 
     return {f"{task} mIoU": blind_span_baseline(items("train", task), items("test", task))["mIoU"]
             for task in ("tg", "gqa")}
