@@ -23,7 +23,7 @@ from pathlib import Path
 
 WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
 RECIPE = (
-    "--stage", "sft", "--seed", "1000", "--sft.steps", "1500", "--sft.lr", "2e-3", "--sft.batch_size", "8",
+    "--stage", "sft", "--seed", "1000", "--sft.steps", "2000", "--sft.lr", "2e-3", "--sft.batch_size", "8",
     "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72",
     "--eval_before_after", "true", "--save_every", "100000", "--model.init", "none",
 )
