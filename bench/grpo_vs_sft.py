@@ -9,7 +9,7 @@ from the same weights and evaluate the seed's synthetic held-out split, so they 
 figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
 spread over seeds) and, for the temporal mIoUs, the blind answer's (one span per video duration, fitted on
 the train split without looking at any video: vcr1.metrics.blind_span_baseline); writes the figures to
-bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 12 minutes per
+bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 14 minutes per
 seed on 2 cores; a run already finished under --out is read back, not redone. Not a timed test.
 """
 from __future__ import annotations
