@@ -160,3 +160,21 @@ def test_tracked_objects_drift_slowly_but_move(paths):
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2
             assert np.abs(np.diff(centres[:7], axis=0)).max() < 0.15, s.uid  # slow between picked frames
             assert np.abs(centres[6] - centres[0]).max() > 0, s.uid  # yet it moves
+
+
+def test_no_fixed_span_fits_the_appearance_spans():
+    """tg and glue mIoU measure temporal grounding only where an answer that ignores the video scores low:
+    the best fixed span, fitted on one set of drawn spans, stays far below a model that sees them."""
+    from vcr1.data.synthetic import APPEARANCE_SECONDS, appearance_span
+    from vcr1.metrics import blind_span_baseline
+
+    rng = np.random.default_rng(0)
+
+    def drawn(n):
+        return [(APPEARANCE_SECONDS, [[t / 10 for t in appearance_span(rng, APPEARANCE_SECONDS * 10)]])
+                for _ in range(n)]
+
+    items = drawn(400)
+    assert all(0 <= s < e <= APPEARANCE_SECONDS for _, [[s, e]] in items)
+    assert min(s for _, [[s, _]] in items) < 0.5 and max(e for _, [[_, e]] in items) > APPEARANCE_SECONDS - 0.5
+    assert blind_span_baseline(items, drawn(400))["mIoU"] < 40

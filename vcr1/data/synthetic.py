@@ -90,6 +90,14 @@ def _objects(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     return [(COLORS[c], SHAPES[s]) for c, s in zip(colors, shapes)]
 
 
+def appearance_span(rng: np.random.Generator, tenths: int) -> tuple[int, int]:
+    """Start and end, in tenths of a second, of a target's time on screen in a video of `tenths`:
+    SPAN_SECONDS long, anywhere in the video."""
+    length = int(rng.integers(round(SPAN_SECONDS[0] * 10), round(SPAN_SECONDS[1] * 10) + 1))
+    start = int(rng.integers(0, tenths - length + 1))
+    return start, start + length
+
+
 def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int, distractors: int):
     """n frames of a static scene with `distractors` shapes throughout and a target visible in [s, e).
 
@@ -97,10 +105,7 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int, dis
     integer tenths), so the annotated span is exact. Returns frames, target, (s, e).
     """
     target, *distractors = _objects(rng, 1 + distractors)
-    tenths = n * 10 // fps
-    length = int(rng.integers(round(SPAN_SECONDS[0] * 10), round(SPAN_SECONDS[1] * 10) + 1))
-    s10 = int(rng.integers(0, tenths - length + 1))
-    e10 = s10 + length
+    s10, e10 = appearance_span(rng, n * 10 // fps)
 
     cell = size // GRID
 
