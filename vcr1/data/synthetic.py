@@ -40,9 +40,8 @@ SYNTHETIC_TASKS = ("tg", "tracking", "gqa")  # mcq reuses gqa's NExT-GQA-format 
 VERSION = 3  # bump when the generated content changes, so that cached datasets are regenerated
 GRID = 2  # static scenes place their shapes in distinct cells of a GRID × GRID grid: no overlaps
 APPEARANCE_SECONDS = 8  # length of every tg and gqa video
-# The target's time on screen, in seconds, anywhere in the video: no one span fits most answers (the best
-# answer that ignores the video scores ~30 mIoU; with spans up to 60% of the video it scored ~50, more
-# than a warm start that had not learned to see time).
+# The target's time on screen, in seconds, anywhere in the video, so that no one span fits most answers:
+# the best answer that ignores the video scores ~30 mIoU (with spans up to 60% of the video, ~50).
 SPAN_SECONDS = (1.0, 3.0)
 TRACK_SPEED = (0.002, 0.008)  # a tracked object's speed range, as a fraction of its free range per frame
 
