@@ -9,7 +9,8 @@ Difficulty is set for a 1.4M-parameter model to learn in minutes on a CPU: track
 (the start box is a fair first guess, every frame's box still differs), a question's options are listed
 in a fixed order (the order of COLORS), so the right letter follows from the colour the video shows and
 not from reading and matching the options' text, and tg/gqa videos all last APPEARANCE_SECONDS with
-large shapes. Their spans are short and anywhere in the video, so a right span must come from the video.
+large shapes. Their spans are short and anywhere in the video, so a right span must come from the video,
+and their backgrounds brighten steadily (a clock in every patch: see CLOCK_LIGHT).
 Everything follows from the seed: the same seed gives the same annotations and pixel-identical frames.
 """
 from __future__ import annotations
@@ -37,12 +38,16 @@ RGB = {
 }
 SPLITS = ("train", "test")
 SYNTHETIC_TASKS = ("tg", "tracking", "gqa")  # mcq reuses gqa's NExT-GQA-format files
-VERSION = 3  # bump when the generated content changes, so that cached datasets are regenerated
+VERSION = 4  # bump when the generated content changes, so that cached datasets are regenerated
 GRID = 2  # static scenes place their shapes in distinct cells of a GRID × GRID grid: no overlaps
 APPEARANCE_SECONDS = 8  # length of every tg and gqa video
 # The target's time on screen, in seconds, anywhere in the video, so that no one span fits most answers:
 # the best answer that ignores the video scores ~30 mIoU (with spans up to 60% of the video, ~50).
 SPAN_SECONDS = (1.0, 3.0)
+# tg/gqa backgrounds start this dark and brighten steadily by CLOCK_LIGHT over the video, so every patch
+# of a frame shows how far into the video it is: a 1.4M-parameter model does not learn in minutes to read
+# absolute time from rotary positions alone (it learns one span for every video), a large one does.
+DAWN, CLOCK_LIGHT = 25, 120
 TRACK_SPEED = (0.002, 0.008)  # a tracked object's speed range, as a fraction of its free range per frame
 
 
@@ -73,9 +78,10 @@ def _draw(img: np.ndarray, obj: tuple[str, str], x: int, y: int, side: int) -> n
     return mask
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A dark, slightly tinted gradient: textured enough to look like a scene, far from every shape colour."""
-    base = rng.uniform(25, 70) + rng.uniform(-10, 10, 3)
+def _background(rng: np.random.Generator, size: int, level: float | None = None) -> np.ndarray:
+    """A dark, slightly tinted gradient: textured enough to look like a scene, far from every shape colour.
+    Its mean brightness is `level`, or drawn in 25-70."""
+    base = (rng.uniform(25, 70) if level is None else level) + rng.uniform(-10, 10, 3)
     gy, gx = rng.uniform(-15, 15, 2)
     ramp = np.linspace(-1, 1, size)
     img = base + gy * ramp[:, None, None] + gx * ramp[None, :, None]
@@ -119,15 +125,21 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int, dis
         return int(x), int(y), side
 
     cells = rng.choice(GRID * GRID, 1 + len(distractors), replace=False)
-    still = _background(rng, size)
+    still = _background(rng, size, level=DAWN)
+    covered = np.zeros((size, size), bool)  # pixels of the scene's shapes, which the clock leaves alone
     for obj, c in zip(distractors, cells[1:]):
-        _draw(still, obj, *place(c))
-    shown = still.copy()  # the scene with the target; `still` is the scene without it
-    _draw(shown, target, *(place(cells[0]) if distractors else place_alone()))
+        x, y, side = place(c)
+        covered[y:y + side, x:x + side] |= _draw(still, obj, x, y, side)
+    shown, covered_shown = still.copy(), covered.copy()  # the scene with the target; `still` without it
+    x, y, side = place(cells[0]) if distractors else place_alone()
+    covered_shown[y:y + side, x:x + side] |= _draw(shown, target, x, y, side)
     k10 = np.arange(n) * 10
     visible = (k10 >= s10 * fps) & (k10 < e10 * fps)
-    frames = np.where(visible[:, None, None, None], shown, still)
-    return frames, target, (s10 / 10, e10 / 10)
+    frames = np.where(visible[:, None, None, None], shown, still).astype(np.int16)
+    background = ~np.where(visible[:, None, None], covered_shown, covered)
+    light = np.rint(CLOCK_LIGHT * np.arange(n) / n).astype(np.int16)  # at time t: CLOCK_LIGHT · t / duration
+    frames += (background * light[:, None, None])[..., None]
+    return np.clip(frames, 0, 255).astype(np.uint8), target, (s10 / 10, e10 / 10)
 
 
 def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
