@@ -53,14 +53,13 @@ def _evals(rows: list[dict]) -> dict[int, dict]:
 def _blind(synthetic: Path) -> dict[str, float]:
     """The blind answer's held-out mIoU ("tg mIoU", "gqa mIoU"): one span per duration, fitted on train."""
     from vcr1.data.annotations import load_annotations
-    from vcr1.metrics import blind_span_baseline
+    from vcr1.metrics import blind_span_mious
 
-    def items(split, task):  # the trainer's own loader: (duration, ground-truth intervals) per sample
-        samples, _ = load_annotations(task, synthetic / split / f"{task}.json", synthetic / split / task)
-        return [(x.duration, [x.solution["span"]] if task == "tg" else x.solution["glue"]) for x in samples]
+    def samples(split):  # the trainer's own loader
+        return [x for task in ("tg", "gqa")
+                for x in load_annotations(task, synthetic / split / f"{task}.json", synthetic / split / task)[0]]
 
-    return {f"{task} mIoU": blind_span_baseline(items("train", task), items("test", task))["mIoU"]
-            for task in ("tg", "gqa")}
+    return blind_span_mious(samples("train"), samples("test"))
 
 
 def _summary(values: list[float]) -> dict:

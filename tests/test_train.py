@@ -428,4 +428,16 @@ def test_before_after_evaluation_is_logged_tabled_and_plotted(tmp_path, syntheti
     for name, key in (("tg mIoU", "eval/tg/mIoU"), ("tracking AO", "eval/tracking/AO"), ("gqa acc", "eval/gqa/acc")):
         line = next(line for line in table.splitlines() if name in line)
         assert f"{evals[0][key]:.1f}" in line and f"{evals[1][key]:.1f}" in line
+    # Beside tg mIoU, the blind answer: the best fixed fraction of the duration on train, scored on the one
+    # tg example of the three evaluated; tracking has no such column.
+    from vcr1.metrics import blind_span_baseline
+
+    def tg_items(split):
+        annotations = json.loads((synthetic / split / "tg.json").read_text())
+        return [(v["duration"], v["timestamps"]) for v in annotations.values()]
+
+    blind = blind_span_baseline(tg_items("train"), tg_items("test")[:1])["mIoU"]
+    assert "blind answer" in table
+    assert next(line for line in table.splitlines() if "tg mIoU" in line).split()[-1] == f"{blind:.1f}"
+    assert len(next(line for line in table.splitlines() if "tracking AO" in line).split()) == 5
     assert Image.open(out / "reward_curve.png").size[0] == 1200  # the second panel holds the comparison

@@ -90,6 +90,21 @@ def blind_span_baseline(train: list, test: list, grid: int = 20) -> dict:
     return {"start": a, "end": b, "mIoU": miou(a, b, test)}
 
 
+def blind_span_mious(train: list, test: list) -> dict[str, float]:
+    """The blind answer's mIoU for each temporal headline metric ("tg mIoU", "gqa mIoU") whose task has
+    samples with a duration in both lists (vcr1.data.annotations.Sample: task, duration, solution)."""
+    def items(samples, task):
+        return [(x.duration, [x.solution["span"]] if task == "tg" else x.solution["glue"])
+                for x in samples if x.task == task and x.duration]
+
+    out = {}
+    for task in ("tg", "gqa"):
+        fit, scored = items(train, task), items(test, task)
+        if fit and scored:
+            out[f"{task} mIoU"] = blind_span_baseline(fit, scored)["mIoU"]
+    return out
+
+
 def score_predictions(task: str, path) -> dict:
     """Metrics of a JSONL file of {"completion": str, "solution": {...}} lines.
 

@@ -121,13 +121,17 @@ def before_after(metrics_path: Path, start: int, end: int) -> list[tuple[str, fl
     return out
 
 
-def before_after_table(metrics_path: Path, start: int, end: int) -> str:
-    """The held-out headline metrics before and after GRPO, as a text table."""
+def before_after_table(metrics_path: Path, start: int, end: int, blind: dict | None = None) -> str:
+    """The held-out headline metrics before and after GRPO, as a text table; with `blind` ({"tg mIoU": x,
+    ...}: vcr1.metrics.blind_span_mious), a column of what an answer that ignores the video scores."""
     rows = before_after(metrics_path, start, end)
     if not rows:
         return "no before/after evaluation to compare"
-    lines = [f"held-out {'metric':<14} {'before GRPO':>12} {'after GRPO':>11} {'change':>8}"]
-    lines += [f"         {name:<14} {a:12.1f} {b:11.1f} {b - a:+8.1f}" for name, a, b in rows]
+    blind = blind or {}
+    lines = [f"held-out {'metric':<14} {'before GRPO':>12} {'after GRPO':>11} {'change':>8}"
+             + (f" {'blind answer':>13}" if blind else "")]
+    lines += [f"         {name:<14} {a:12.1f} {b:11.1f} {b - a:+8.1f}"
+              + (f" {blind[name]:13.1f}" if name in blind else "") for name, a, b in rows]
     return "\n".join(lines)
 
 
