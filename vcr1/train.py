@@ -154,6 +154,7 @@ class Trainer:
             datasets, eval_datasets = splits["train"], eval_datasets or splits["test"]
         self.train_samples, bad_train = load_split(datasets)
         self.eval_samples, bad_eval = load_split(eval_datasets) if eval_datasets else ([], 0)
+        self.eval_samples = balanced_subset(self.eval_samples, cfg.eval_limit)  # what every evaluation scores
         self.skipped_annotations = bad_train + bad_eval
         if not self.train_samples:
             raise ConfigError("no usable training examples in the configured datasets")
@@ -280,7 +281,7 @@ class Trainer:
         self.monitor.close()
         if self.step == total and cfg.eval_before_after and "grpo" in cfg.stage:
             # What an answer that ignores the video scores on the same held-out examples, beside tg/glue mIoU.
-            blind = blind_span_mious(self.train_samples, balanced_subset(self.eval_samples, cfg.eval_limit))
+            blind = blind_span_mious(self.train_samples, self.eval_samples)
             self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total, blind))
         if self.step == total:
             self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "
@@ -322,9 +323,8 @@ class Trainer:
             return
         zero = self.cfg.engine.zero_stage
         with self.phase("eval"), eng.generation_weights(self.engine, zero):
-            samples = balanced_subset(self.eval_samples, self.cfg.eval_limit)
-            result = evaluate(self.model, self.tokenizer, samples, cfg=self.cfg, rank=self.rank, world=self.world,
-                              device=self.device)
+            result = evaluate(self.model, self.tokenizer, self.eval_samples, cfg=self.cfg, rank=self.rank,
+                              world=self.world, device=self.device)
         row = {"step": self.step, "stage": "eval"}
         for task, metrics in result.items():
             row.update({f"eval/{task}/{k}": v for k, v in metrics.items()})
