@@ -202,6 +202,25 @@ def test_windows_do_not_change_results(model, prompts, monkeypatch):
             torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-6, rtol=0)
 
 
+def test_retired_prompts_leave_the_batch_without_changing_the_rest(model, prompts, monkeypatch):
+    """Prompts whose samples all stopped leave the eager batch; the prompts still answering get the same
+    greedy tokens and log-probs as when every row decodes to the end."""
+    free = generate(model, prompts, num_samples=2, max_new_tokens=10, greedy=True, eos_token_id=NEVER)
+    eos = [int(free[0][0].token_ids[1]), int(free[2][0].token_ids[4])]
+    monkeypatch.setattr(rollout, "CHECK_EVERY", 100)  # never checked: no prompt retires
+    whole = generate(model, prompts, num_samples=2, max_new_tokens=10, greedy=True, eos_token_id=eos)
+    retired, retire = [], rollout.PrefilledBatch.retire
+    monkeypatch.setattr(rollout, "CHECK_EVERY", 1)
+    monkeypatch.setattr(rollout.PrefilledBatch, "retire",
+                        lambda self, done: (retired.append(done.tolist()), retire(self, done)))
+    early = generate(model, prompts, num_samples=2, max_new_tokens=10, greedy=True, eos_token_id=eos)
+    assert retired and sum(sum(d) for d in retired) >= 2  # at least two prompts left before the end
+    for a, b in zip(whole, early):
+        for x, y in zip(a, b):
+            assert x.token_ids.tolist() == y.token_ids.tolist() and x.finish_reason == y.finish_reason
+            torch.testing.assert_close(x.logprobs, y.logprobs, atol=1e-6, rtol=0)
+
+
 @requires_cuda
 def test_cuda_graphs_match_eager():
     model = make_model("cuda")

@@ -149,6 +149,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "checkpoints kept on disk")
     eval_every: int = opt(0, "evaluate on the held-out split every N GRPO steps (0 = off)")
     eval_limit: int = opt(64, "held-out examples per evaluation")
+    eval_batch_size: int | None = opt(None, "held-out prompts answered together per process "
+                                            "(unset = prompts_per_step)")
     eval_before_after: bool = opt(False, "evaluate on the held-out split when GRPO starts and when it ends, "
                                          "and print a before/after table")
     log_every: int = opt(1, "print progress every N steps")
@@ -172,10 +174,9 @@ TINY_PRESET = {
     "data.video.total_pixels": 16 * 112 * 112,
     "data.video.max_pixels": 112 * 112,
     "data.video.min_pixels": 56 * 56,
-    # 60 = 30 steps x 2 prompts per task: each fifth of the GRPO steps is one epoch, so the first and last
-    # fifths' rewards are over the same prompts (with a new prompt every step, prompt difficulty swamped
-    # them); the held-out split shows whether the gains generalise.
-    "data.synthetic_train": 60,
+    # 150 = 75 steps x 2 prompts per task: GRPO sees each training video twice. With 60 (five epochs) the
+    # training rewards rose on every seed but one seed's held-out tg mIoU fell: it fitted the videos.
+    "data.synthetic_train": 150,
     "data.synthetic_test": 96,
     "grpo.num_generations": 8,
     "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
@@ -192,6 +193,7 @@ TINY_PRESET = {
     "epochs": 100,  # max_steps decides the length
     "save_every": 75,
     "eval_limit": 288,  # the whole held-out split
+    "eval_batch_size": 48,  # as many rows as a rollout decodes together
     "eval_before_after": True,
     "samples_every": 10,
 }
@@ -315,6 +317,7 @@ def _validate(cfg: TrainConfig):
         (cfg.prompts_per_step >= 1 and cfg.grad_accum >= 1, "prompts_per_step and grad_accum must be >= 1"),
         (cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1"),
         (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps must be >= 1 or unset"),
+        (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size must be >= 1 or unset"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.save_every >= 1 and cfg.save_minutes >= 0, "save_every must be >= 1 and save_minutes >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),

@@ -37,6 +37,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     cuda = torch.cuda.is_available()
+    if not cuda and os.environ["WORLD_SIZE"] == "1":
+        # DeepSpeed's CPU backend compiles its shared-memory all-reduce op on first use (~45 s on 2 cores,
+        # before the run's first line); a world of one reduces nothing. Its table of usable ops is read
+        # lazily and kept, so marking the op unusable here skips both the build and the probe of the rest.
+        deepspeed.ops.__compatible_ops__ = {}
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ["LOCAL_RANK"])

@@ -84,20 +84,22 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
     """{task: {metric: value}} over ALL samples; every process calls it and gets the same dict.
 
     Each process answers samples[rank::world] greedily with cfg.data's video and prompt settings, at most
-    cfg.grpo.max_completion_length new tokens, cfg.prompts_per_step prompts per batch (the prompt caches
-    a training rollout already holds). Samples that cannot be encoded (e.g. a video that does not decode)
-    count in `skipped`, items that cannot be scored (a malformed solution) in `malformed`: a bad held-out
-    item never ends training, and every process still makes the one gather below.
+    cfg.grpo.max_completion_length new tokens, cfg.eval_batch_size prompts per batch (default
+    cfg.prompts_per_step: the prompt caches a training rollout already holds), grouped by task so that
+    short answers are not batched with long ones. Samples that cannot be encoded (e.g. a video that does
+    not decode) count in `skipped`, items that cannot be scored (a malformed solution) in `malformed`: a
+    bad held-out item never ends training, and every process still makes the one gather below.
     """
     from vcr1.engine import all_gather_objects
 
-    batch_size = batch_size or cfg.prompts_per_step
+    batch_size = batch_size or cfg.eval_batch_size or cfg.prompts_per_step
     max_new_tokens = max_new_tokens or cfg.grpo.max_completion_length
     items, skipped, malformed = collections.defaultdict(list), collections.Counter(), collections.Counter()
     was_training = model.training
     model.eval()
     try:
-        for records, bad in predict(model, tokenizer, samples[rank::world], data_cfg=cfg.data, device=device,
+        mine = sorted(samples[rank::world], key=lambda s: s.task)  # stable: each task keeps its order
+        for records, bad in predict(model, tokenizer, mine, data_cfg=cfg.data, device=device,
                                     batch_size=batch_size, max_new_tokens=max_new_tokens):
             for r in records:
                 try:

@@ -3,8 +3,9 @@
 The fast engine prefills each prompt once (the vision tower once per distinct decoded video) and
 decodes the G samples of every prompt of the batch together from two static KV caches: the prompts'
 own keys/values, shared by their G samples and never copied, and the samples' generated tokens. On
-CUDA each decode step is a replayed CUDA graph. `hf_generate` is the reference: HF
-`generate(num_return_sequences=G)` per prompt.
+CUDA each decode step is a replayed CUDA graph; in eager mode (CPU, ZeRO-3) a prompt whose G samples
+have all stopped leaves the batch, so a long answer does not keep short ones computing. `hf_generate`
+is the reference: HF `generate(num_return_sequences=G)` per prompt.
 
 Both follow vcr1's 3-D positions (`vcr1.model.prompt_positions`, then `answer_start` + k for generated
 token k on all three rows: the release rule, see the README).
@@ -217,8 +218,22 @@ class PrefilledBatch:
             self.static_step = torch.zeros(1, dtype=torch.long, device=weight.device)
 
     def window(self, step: int) -> int:
-        """How many generated slots step `step` reads: its own and all before, rounded up to WINDOW."""
+        """How many generated slots step `step` reads: its own and all before, rounded up to WINDOW when the
+        step is a CUDA graph (one graph per window size); exactly those in eager mode."""
+        if self.graphs is None:
+            return step + 1
         return min(self.slots, WINDOW * (step // WINDOW + 1))
+
+    def retire(self, done: torch.Tensor):
+        """Stop decoding the prompts marked in `done` [P] (bool, in this batch's current prompt order): their
+        caches and rows leave the batch, so later steps compute only the prompts still answering."""
+        if self.graphs is not None:
+            raise RuntimeError("a graphed batch keeps its shapes: its rows cannot retire")
+        keep = (~done).nonzero()[:, 0]
+        rows = (keep[:, None] * self.g + torch.arange(self.g, device=keep.device)).reshape(-1)
+        self.kp, self.vp = self.kp[:, keep], self.vp[:, keep]
+        self.kg, self.vg = self.kg[:, rows], self.vg[:, rows]
+        self.next_pos, self.prompt_bias = self.next_pos[rows], self.prompt_bias[rows]
 
     def decode(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """Feed each row's token of decode step `step` (its step-th generated token); logits [N, V] fp32."""
@@ -306,16 +321,24 @@ class StaticCacheEngine:
         lengths = torch.full((n,), s.max_new_tokens, device=device)
         stopped = torch.zeros(n, dtype=torch.bool, device=device)
         logits = batch.first_logits.repeat_interleave(s.num_samples, 0)
+        live = torch.arange(n, device=device)  # the result rows the batch still decodes, in its row order
         with nvtx_range("rollout/decode"):
             for t in range(s.max_new_tokens):
                 if t:
-                    logits = batch.decode(tokens[:, t - 1], t - 1)
-                tokens[:, t], logprobs[:, t] = sample(logits, s, gen)
-                hit = torch.isin(tokens[:, t], eos) & ~stopped
+                    logits = batch.decode(tokens[live, t - 1], t - 1)
+                tokens[live, t], logprobs[live, t] = sample(logits, s, gen)
+                hit = torch.isin(tokens[:, t], eos) & ~stopped  # retired rows are stopped already
                 lengths = torch.where(hit, t + 1, lengths)
                 stopped |= hit
-                if t % CHECK_EVERY == CHECK_EVERY - 1 and bool(stopped.all()):
-                    break
+                if t % CHECK_EVERY == CHECK_EVERY - 1:
+                    if bool(stopped.all()):
+                        break
+                    # Eager steps cost what their rows compute: prompts whose samples have all stopped (a
+                    # short answer beside a long one) leave the batch. A graph replays one fixed shape.
+                    done = None if self.cuda_graphs else stopped[live].view(-1, s.num_samples).all(1)
+                    if done is not None and bool(done.any()):
+                        batch.retire(done)
+                        live = live.view(-1, s.num_samples)[~done].reshape(-1)
         return _completions(tokens.cpu(), logprobs.cpu(), lengths.cpu(), stopped.cpu(), s.num_samples)
 
 
