@@ -210,6 +210,26 @@ def test_evaluate_in_process(synthetic):
     assert model.training  # handed back in the mode it came in
 
 
+def test_batching_by_task_scores_each_answer_against_its_own_sample(synthetic):
+    """Samples in round-robin task order, answered in task-grouped batches of several prompts, score what
+    the same model scores answering them one at a time."""
+    from vcr1.config import parse_config
+    from vcr1.data.dataset import balanced_subset
+    from vcr1.eval import evaluate
+    from vcr1.model import load_model, load_tokenizer
+
+    samples = []
+    for task in ("tg", "tracking", "gqa"):
+        samples += load_annotations(task, synthetic[task]["annotations"], synthetic[task]["media_root"])[0]
+    samples = balanced_subset(samples, len(samples))
+    cfg = parse_config(["--data.video.max_frames", "8", "--grpo.max_completion_length", "24", "--eval_batch_size", "4"])
+    tokenizer = load_tokenizer(None)
+    model = load_model(None, tokenizer, dtype="fp32")
+    batched = evaluate(model, tokenizer, samples, cfg=cfg)
+    one_by_one = evaluate(model, tokenizer, samples, cfg=cfg, batch_size=1)
+    assert batched == one_by_one and sum(m["n"] for m in batched.values()) == len(samples)
+
+
 def test_evaluate_skips_and_counts_bad_items(synthetic, monkeypatch, caplog):
     """A held-out item that cannot be encoded or scored is logged with its uid and counted, never fatal,
     and the process still makes its one gather (so ranks never mismatch)."""
