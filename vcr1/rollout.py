@@ -330,13 +330,15 @@ class StaticCacheEngine:
                 hit = torch.isin(tokens[:, t], eos) & ~stopped  # retired rows are stopped already
                 lengths = torch.where(hit, t + 1, lengths)
                 stopped |= hit
-                if t % CHECK_EVERY == CHECK_EVERY - 1:
-                    if bool(stopped.all()):
-                        break
+                if t % CHECK_EVERY != CHECK_EVERY - 1:
+                    continue
+                if bool(stopped.all()):
+                    break
+                if not self.cuda_graphs:  # a graph replays one fixed shape
                     # Eager steps cost what their rows compute: prompts whose samples have all stopped (a
-                    # short answer beside a long one) leave the batch. A graph replays one fixed shape.
-                    done = None if self.cuda_graphs else stopped[live].view(-1, s.num_samples).all(1)
-                    if done is not None and bool(done.any()):
+                    # short answer beside a long one) leave the batch.
+                    done = stopped[live].view(-1, s.num_samples).all(1)
+                    if bool(done.any()):
                         batch.retire(done)
                         live = live.view(-1, s.num_samples)[~done].reshape(-1)
         return _completions(tokens.cpu(), logprobs.cpu(), lengths.cpu(), stopped.cpu(), s.num_samples)
