@@ -194,3 +194,29 @@ def test_no_fixed_span_fits_the_appearance_spans():
     assert all(0 <= s < e <= APPEARANCE_SECONDS for _, [[s, e]] in items)
     assert min(s for _, [[s, _]] in items) < 0.5 and max(e for _, [[_, e]] in items) > APPEARANCE_SECONDS - 0.5
     assert blind_span_baseline(items, drawn(400))["mIoU"] < 40
+
+
+def test_in_process_encoder_gives_the_ffmpeg_cli_pixels(tmp_path):
+    """The generator encodes in-process; its videos decode to the very frames that ffmpeg's command line
+    (the encoder of the datasets before, with the same x264 settings) gives from the same source frames."""
+    import shutil
+    import subprocess
+
+    import torch
+    from torchcodec.decoders import VideoDecoder
+
+    from vcr1.data.synthetic import _appearance_video, _encode
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("needs the ffmpeg command line")
+    frames, _, _ = _appearance_video(np.random.default_rng(7), SIZE, 4, 32, distractors=1)
+    _encode(frames, 4, tmp_path / "in_process.mp4")
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                    "-s", f"{SIZE}x{SIZE}", "-r", "4", "-i", "-", "-c:v", "libx264", "-preset", "veryfast",
+                    "-crf", "12", "-pix_fmt", "yuv420p", "-threads", "1", str(tmp_path / "cli.mp4")],
+                   input=frames.tobytes(), check=True)
+    ours, cli = (VideoDecoder(str(tmp_path / f"{name}.mp4"))[:].data for name in ("in_process", "cli"))
+    assert ours.shape == (32, 3, SIZE, SIZE)
+    source = torch.from_numpy(frames).permute(0, 3, 1, 2).int()
+    assert (ours.int() - source).abs().float().mean() < 3  # lossy, yet close to the source
+    assert ours.equal(cli)
