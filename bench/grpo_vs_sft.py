@@ -4,7 +4,8 @@
 
 For each seed it runs the embedded default (GRPO from the shipped warm start, vcr1/warm_start.py) and a
 baseline that instead continues the warm start's supervised training for as many steps as GRPO takes, on
-the same training examples (the seed's synthetic train split) at the warm-up's learning rate. Both start
+the same training examples (the seed's synthetic train split) at GRPO's learning rate and schedule, so
+that only the objective differs (the warm-up's own rate decays to 0 by its end). Both start
 from the same weights and evaluate the seed's synthetic held-out split, so they share the "before"
 figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
 spread over seeds) and, for the temporal mIoUs, the blind answer's (one span per video duration, fitted on
@@ -92,7 +93,8 @@ def main(argv=None):
                 values = [r[key] for r in part if r.get(key) is not None]
                 rewards.setdefault(key, {}).setdefault(name, []).append(sum(values) / len(values))
         sft = _evals(_train(args.out / f"sft-{seed}", seed, args.threads, warm + extra, "--stage", "sft",
-                            "--sft.steps", str(warm + extra), "--eval_before_after", "true"))
+                            "--sft.steps", str(warm + extra), "--sft.lr", str(default.optim.lr),
+                            "--sft.scheduler", default.optim.scheduler, "--eval_before_after", "true"))
         blind = _blind(args.out / f"synthetic-{seed}")
         for task, names in HEADLINE.items():
             for name in names:

@@ -85,9 +85,20 @@ def test_lr_schedule_counts_optimizer_steps():
 
     cfg = parse_config(["--optim.scheduler", "linear", "--sft.steps", "0", "--stage", "grpo",
                         "--grpo.num_iterations", "2"])
-    sched = dict(sft_steps=0, sft_scale=1.0, grpo_steps=10 * cfg.grpo.num_iterations, warmup=0, kind="linear")
+    sched = dict(sft_steps=0, sft_scale=1.0, sft_kind="constant", grpo_steps=10 * cfg.grpo.num_iterations, warmup=0,
+                 kind="linear")
     lrs = [engine.lr_lambda(s, **sched) for s in range(20)]
     assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] == pytest.approx(0.05)
+
+
+def test_lr_schedule_decays_the_warm_up_on_its_own_schedule_then_runs_grpos():
+    """sft.scheduler shapes the warm-up's steps from sft.lr; GRPO's schedule then starts from optim.lr."""
+    sched = dict(sft_steps=4, sft_scale=10.0, sft_kind="cosine", grpo_steps=4, warmup=0, kind="constant")
+    lrs = [engine.lr_lambda(s, **sched) for s in range(8)]
+    assert lrs[:4] == pytest.approx([10 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)])
+    assert lrs[4:] == [1.0] * 4
+    sched.update(sft_kind="linear")
+    assert [engine.lr_lambda(s, **sched) for s in range(4)] == pytest.approx([10.0, 7.5, 5.0, 2.5])
 
 
 def test_checked_adamw_skips_non_finite_gradients_and_clips_by_the_global_norm():

@@ -209,7 +209,7 @@ def test_in_process_encoder_gives_the_ffmpeg_cli_pixels(tmp_path):
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("needs the ffmpeg command line")
-    frames, _, _ = _appearance_video(np.random.default_rng(7), SIZE, 4, 32, distractors=1)
+    frames, _, _ = _appearance_video(np.random.default_rng(7), SIZE, 4, 32)
     _encode(frames, 4, tmp_path / "in_process.mp4")
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
                     "-s", f"{SIZE}x{SIZE}", "-r", "4", "-i", "-", "-c:v", "libx264", "-preset", "veryfast",

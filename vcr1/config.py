@@ -19,6 +19,7 @@ from vcr1.warm_start import WARM_START
 from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+SCHEDULERS = ("linear", "cosine", "constant")
 # HF attention implementations vcr1 runs. Not "eager": the packed forward replaces attention through
 # transformers' attention registry, which eager bypasses; sdpa is the exact reference.
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
@@ -101,6 +102,7 @@ class GRPOConfig:
 class SFTConfig:
     steps: int = opt(0, "supervised warm-up steps on the ground-truth answers before GRPO (0 = none)")
     lr: float = opt(1e-5, "warm-up learning rate")
+    scheduler: str = opt("constant", "warm-up LR schedule, from sft.lr over sft.steps", SCHEDULERS)
     batch_size: int = opt(8, "examples per process per warm-up step")
 
 
@@ -111,7 +113,7 @@ class OptimConfig:
     betas: list = opt([0.9, 0.999], "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
-    scheduler: str = opt("linear", "LR schedule", ("linear", "cosine", "constant"))
+    scheduler: str = opt("linear", "GRPO's LR schedule", SCHEDULERS)
     warmup_steps: int = opt(0, "linear warm-up steps")
 
 
@@ -180,11 +182,12 @@ TINY_PRESET = {
     "data.synthetic_test": 96,
     "grpo.num_generations": 8,
     "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
-    "grpo.beta": 0.01,
     "sft.steps": 0,
     "sft.lr": 2e-3,
     "sft.batch_size": 8,
-    "optim.lr": 3e-4,
+    # From a converged warm start, 3e-4 with β 0.01 drifted off the held-out split (KL 0.15-0.22 at the end;
+    # gqa accuracy and tracking AO fell on seed 0); 1e-4 with the paper's β 0.04 stays near it (KL ~0.03).
+    "optim.lr": 1e-4,
     "optim.scheduler": "constant",
     "engine.zero_stage": 0,
     "engine.offload": False,

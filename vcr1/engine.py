@@ -52,20 +52,25 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 # ---------------------------------------------------------------------------------------- optimizer
 
-def lr_lambda(step: int, *, sft_steps: int, sft_scale: float, grpo_steps: int, warmup: int, kind: str) -> float:
-    """LR multiplier of optim.lr at optimizer step `step`: the warm-up's steps at sft.lr, then GRPO's
-    schedule over its `grpo_steps` optimizer steps (μ per GRPO step)."""
-    if step < sft_steps:
-        return sft_scale
-    step -= sft_steps
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, grpo_steps - warmup))
+def _decay(progress: float, kind: str) -> float:
+    """LR multiplier of a schedule `kind` at `progress` in [0, 1] of its steps."""
     if kind == "linear":
         return 1.0 - progress
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
+
+
+def lr_lambda(step: int, *, sft_steps: int, sft_scale: float, sft_kind: str, grpo_steps: int, warmup: int,
+              kind: str) -> float:
+    """LR multiplier of optim.lr at optimizer step `step`: the warm-up's steps from sft.lr on sft.scheduler,
+    then GRPO's schedule over its `grpo_steps` optimizer steps (μ per GRPO step)."""
+    if step < sft_steps:
+        return sft_scale * _decay(step / sft_steps, sft_kind)
+    step -= sft_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    return _decay(min(1.0, (step - warmup) / max(1, grpo_steps - warmup)), kind)
 
 
 class CheckedAdamW(torch.optim.AdamW):
@@ -141,6 +146,7 @@ def build_engine(model, cfg, *, grpo_steps: int):
     else:
         optimizer = torch.optim.AdamW(params, **adam)
     sched = dict(sft_steps=cfg.sft.steps if "sft" in cfg.stage else 0, sft_scale=cfg.sft.lr / cfg.optim.lr,
+                 sft_kind=cfg.sft.scheduler,
                  grpo_steps=grpo_steps * cfg.grpo.num_iterations, warmup=cfg.optim.warmup_steps,
                  kind=cfg.optim.scheduler)
     engine, _, _, _ = deepspeed.initialize(
