@@ -8,8 +8,9 @@ the same training examples (the seed's synthetic train split) at GRPO's learning
 that only the objective differs (the warm-up's own rate decays to 0 by its end). Both start
 from the same weights and evaluate the seed's synthetic held-out split, so they share the "before"
 figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
-spread over seeds) and, for the temporal mIoUs, the blind answer's (one span per video duration, fitted on
-the train split without looking at any video: vcr1.metrics.blind_span_baseline); writes the figures to
+spread over seeds) and the blind answer's, which looks at no video (vcr1.metrics.blind_answers: for the
+temporal mIoUs one span per video duration fitted on the train split, for tracking the prompt's initial box
+in every frame); writes the figures to
 bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 14 minutes per
 seed on 2 cores; a run already finished under --out is read back, not redone. Not a timed test.
 """
@@ -52,15 +53,15 @@ def _evals(rows: list[dict]) -> dict[int, dict]:
 
 
 def _blind(synthetic: Path) -> dict[str, float]:
-    """The blind answer's held-out mIoU ("tg mIoU", "gqa mIoU"): one span per duration, fitted on train."""
+    """The blind answers' held-out figures ("tg mIoU", "gqa mIoU", "tracking AO"): vcr1.metrics.blind_answers."""
     from vcr1.data.annotations import load_annotations
-    from vcr1.metrics import blind_span_mious
+    from vcr1.metrics import blind_answers
 
     def samples(split):  # the trainer's own loader
-        return [x for task in ("tg", "gqa")
+        return [x for task in ("tg", "tracking", "gqa")
                 for x in load_annotations(task, synthetic / split / f"{task}.json", synthetic / split / task)[0]]
 
-    return blind_span_mious(samples("train"), samples("test"))
+    return blind_answers(samples("train"), samples("test"))
 
 
 def _summary(values: list[float]) -> dict:

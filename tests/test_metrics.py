@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from vcr1.metrics import aggregate, blind_span_baseline, score_item, score_predictions
+from vcr1.metrics import aggregate, blind_answers, blind_span_baseline, blind_tracking_ao, score_item, score_predictions
 from vcr1.rewards import temporal_iou
 
 BOX = [0.0, 0.0, 0.5, 0.5]
@@ -183,3 +183,25 @@ def test_blind_span_baseline_is_the_best_constant_answer():
     lattice = [(i / 10, j / 10) for i in range(10) for j in range(i + 1, 11)]
     assert miou(got["start"], got["end"], train) == pytest.approx(max(miou(a, b, train) for a, b in lattice))
     assert got["mIoU"] == pytest.approx(miou(got["start"], got["end"], test))
+
+
+def test_blind_tracking_ao_repeats_the_initial_box():
+    # The initial box against frames it matches, overlaps by a third and misses: per track, the mean of its
+    # frames' IoUs; AO, the mean over tracks.
+    tracks = [(BOX, [BOX, IOU_THIRD, [0.6, 0.6, 0.9, 0.9]]), (IOU_THIRD, [IOU_THIRD, IOU_THIRD])]
+    assert blind_tracking_ao(tracks) == pytest.approx(100 * ((1 + 1 / 3 + 0) / 3 + 1) / 2)
+    with pytest.raises(ValueError):
+        blind_tracking_ao([])
+
+
+def test_blind_answers_cover_each_task_with_samples():
+    from vcr1.data.annotations import Sample
+
+    def sample(task, **kw):
+        return Sample(task=task, uid="u", video="v.mp4", **kw)
+
+    tg = [sample("tg", duration=10.0, fields={"event": "e"}, solution={"span": [5.0, 10.0]})]
+    track = [sample("tracking", fields={"object": "o", "start": BOX}, solution={"boxes": [BOX, IOU_THIRD]})]
+    got = blind_answers(tg + track, tg + track)
+    assert got == pytest.approx({"tg mIoU": 100.0, "tracking AO": 100 * (1 + 1 / 3) / 2})
+    assert blind_answers(tg, track) == {"tracking AO": got["tracking AO"]}  # tg needs train and test samples

@@ -429,15 +429,25 @@ def test_before_after_evaluation_is_logged_tabled_and_plotted(tmp_path, syntheti
         line = next(line for line in table.splitlines() if name in line)
         assert f"{evals[0][key]:.1f}" in line and f"{evals[1][key]:.1f}" in line
     # Beside tg mIoU, the blind answer: the best fixed fraction of the duration on train, scored on the one
-    # tg example of the three evaluated; tracking has no such column.
+    # tg example of the three evaluated; beside tracking AO, the first box in every frame of the one track.
     from vcr1.metrics import blind_span_baseline
 
     def tg_items(split):
         annotations = json.loads((synthetic / split / "tg.json").read_text())
         return [(v["duration"], v["timestamps"]) for v in annotations.values()]
 
+    def iou(a, b):  # independent of vcr1.rewards
+        w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+        inter = max(w, 0) * max(h, 0)
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    def row(name):
+        return next(line for line in table.splitlines() if name in line).split()
+
     blind = blind_span_baseline(tg_items("train"), tg_items("test")[:1])["mIoU"]
+    boxes = json.loads((synthetic / "test" / "tracking.json").read_text())[0]["gt"]
     assert "blind answer" in table
-    assert next(line for line in table.splitlines() if "tg mIoU" in line).split()[-1] == f"{blind:.1f}"
-    assert len(next(line for line in table.splitlines() if "tracking AO" in line).split()) == 5
+    assert row("tg mIoU")[-1] == f"{blind:.1f}"
+    assert row("tracking AO")[-1] == f"{100 * sum(iou(boxes[0], b) for b in boxes) / len(boxes):.1f}"
+    assert len(row("gqa acc")) == 5  # no blind column
     assert Image.open(out / "reward_curve.png").size[0] == 1200  # the second panel holds the comparison

@@ -90,18 +90,31 @@ def blind_span_baseline(train: list, test: list, grid: int = 20) -> dict:
     return {"start": a, "end": b, "mIoU": miou(a, b, test)}
 
 
-def blind_span_mious(train: list, test: list) -> dict[str, float]:
-    """The blind answer's mIoU for each temporal headline metric ("tg mIoU", "gqa mIoU") whose task has
-    samples with a duration in both lists (vcr1.data.annotations.Sample: task, duration, solution)."""
-    def items(samples, task):
+def blind_tracking_ao(test: list) -> float:
+    """AO (percent) on `test` of the answer that never looks at the video: the prompt's initial box in all the
+    frames. Items are (initial box, ground-truth boxes). A model's tracking AO shows that it follows the
+    object only as far as it is above this figure."""
+    if not test:
+        raise ValueError("blind_tracking_ao needs test items")
+    return _percent([sum(rewards.box_iou(start, box) for box in boxes) / len(boxes) for start, boxes in test])
+
+
+def blind_answers(train: list, test: list) -> dict[str, float]:
+    """What the blind answers score on the headline metrics "tg mIoU", "gqa mIoU" (blind_span_baseline, fitted
+    on `train`) and "tracking AO" (blind_tracking_ao), for each task with samples in both lists
+    (vcr1.data.annotations.Sample: task, duration, fields, solution)."""
+    def spans(samples, task):
         return [(x.duration, [x.solution["span"]] if task == "tg" else x.solution["glue"])
                 for x in samples if x.task == task and x.duration]
 
     out = {}
     for task in ("tg", "gqa"):
-        fit, scored = items(train, task), items(test, task)
+        fit, scored = spans(train, task), spans(test, task)
         if fit and scored:
             out[f"{task} mIoU"] = blind_span_baseline(fit, scored)["mIoU"]
+    tracks = [(x.fields["start"], x.solution["boxes"]) for x in test if x.task == "tracking"]
+    if tracks:
+        out["tracking AO"] = blind_tracking_ao(tracks)
     return out
 
 

@@ -123,7 +123,7 @@ def before_after(metrics_path: Path, start: int, end: int) -> list[tuple[str, fl
 
 def before_after_table(metrics_path: Path, start: int, end: int, blind: dict | None = None) -> str:
     """The held-out headline metrics before and after GRPO, as a text table; with `blind` ({"tg mIoU": x,
-    ...}: vcr1.metrics.blind_span_mious), a column of what an answer that ignores the video scores."""
+    ...}: vcr1.metrics.blind_answers), a column of what an answer that ignores the video scores."""
     rows = before_after(metrics_path, start, end)
     if not rows:
         return "no before/after evaluation to compare"

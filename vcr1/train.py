@@ -43,7 +43,7 @@ from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
-from vcr1.metrics import blind_span_mious
+from vcr1.metrics import blind_answers
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
 from vcr1.packing import completion_hidden
@@ -281,7 +281,7 @@ class Trainer:
         self.monitor.close()
         if self.step == total and cfg.eval_before_after and "grpo" in cfg.stage:
             # What an answer that ignores the video scores on the same held-out examples, beside tg/glue mIoU.
-            blind = blind_span_mious(self.train_samples, self.eval_samples)
+            blind = blind_answers(self.train_samples, self.eval_samples)
             self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total, blind))
         if self.step == total:
             self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "
