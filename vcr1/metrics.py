@@ -100,9 +100,9 @@ def blind_tracking_ao(test: list) -> float:
 
 
 def blind_answers(train: list, test: list) -> dict[str, float]:
-    """What the blind answers score on the headline metrics "tg mIoU", "gqa mIoU" (blind_span_baseline, fitted
-    on `train`) and "tracking AO" (blind_tracking_ao), for each task with samples in both lists
-    (vcr1.data.annotations.Sample: task, duration, fields, solution)."""
+    """What the blind answers score on the headline metrics "tg mIoU" and "gqa mIoU" (blind_span_baseline,
+    fitted on `train`; for a task with samples in both lists) and "tracking AO" (blind_tracking_ao; for
+    tracking samples in `test`). Items are vcr1.data.annotations.Sample (task, duration, fields, solution)."""
     def spans(samples, task):
         return [(x.duration, [x.solution["span"]] if task == "tg" else x.solution["glue"])
                 for x in samples if x.task == task and x.duration]

@@ -109,7 +109,7 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
     """
     (target,) = _objects(rng, 1)
     s10, e10 = appearance_span(rng, n * 10 // fps)
-    rng.choice(4, 1, replace=False)  # a draw of the retired distractor layout, kept so that videos stay the same
+    rng.choice(4, 1, replace=False)  # the retired 2 × 2 distractor layout's draw, kept so that videos stay the same
     still = _background(rng, size, level=DAWN)
     side = int(rng.integers(int(0.45 * size), int(0.7 * size) + 1))
     x, y = (int(v) for v in rng.integers(size - side + 1, size=2))
