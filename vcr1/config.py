@@ -176,7 +176,7 @@ TINY_PRESET = {
     "data.video.total_pixels": 16 * 112 * 112,
     "data.video.max_pixels": 112 * 112,
     "data.video.min_pixels": 56 * 56,
-    # 120 = 60 steps x 2 prompts per task: GRPO sees each training video twice, where 60 videos seen five
+    # 120 steps x 2 prompts per task = 2 passes over 120 videos: GRPO sees each twice, where 60 videos seen five
     # times let it fit them (training rewards rose more than held-out metrics; README, GRPO against SFT).
     "data.synthetic_train": 120,
     "data.synthetic_test": 96,
