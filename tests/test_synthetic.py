@@ -13,6 +13,7 @@ import pytest
 from vcr1.data.annotations import load_annotations
 from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, SYNTHETIC_TASKS, generate, shape_mask
 from vcr1.data.video import load_video
+from vcr1.prompts import DECIMALS
 
 N_TRAIN, N_TEST, SIZE = 4, 2, 112
 CLOSE = 60  # max colour distance to a pure shape colour after H.264 / JPEG (≥ 100 between colours)
@@ -69,7 +70,7 @@ def test_formats_mirror_real_files(paths):
     assert [o[:4] for o in gqa["options"]] == ["(A) ", "(B) ", "(C) ", "(D) ", "(E) "]
     track = json.loads(Path(paths["train"]["tracking"]["annotations"]).read_text())[0]
     assert set(track) == {"path", "object", "gt"} and track["path"].startswith("/")
-    assert all(0 <= v <= 1 and v == round(v, 3) for box in track["gt"] for v in box)
+    assert all(0 <= v <= 1 and v == round(v, DECIMALS) for box in track["gt"] for v in box)
 
 
 def test_deterministic(paths, tmp_path):
@@ -213,7 +214,7 @@ def test_in_process_encoder_gives_the_ffmpeg_cli_pixels(tmp_path):
     _encode(frames, 4, tmp_path / "in_process.mp4")
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
                     "-s", f"{SIZE}x{SIZE}", "-r", "4", "-i", "-", "-c:v", "libx264", "-preset", "veryfast",
-                    "-crf", "12", "-pix_fmt", "yuv420p", "-threads", "1", str(tmp_path / "cli.mp4")],
+                    "-qp", "12", "-pix_fmt", "yuv420p", "-threads", "1", str(tmp_path / "cli.mp4")],
                    input=frames.tobytes(), check=True)
     ours, cli = (VideoDecoder(str(tmp_path / f"{name}.mp4"))[:].data for name in ("in_process", "cli"))
     assert ours.shape == (32, 3, SIZE, SIZE)

@@ -1,25 +1,31 @@
 """The shipped warm start: rebuilt deterministically, loaded exactly, refused for another tokenizer."""
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from vcr1.config import ConfigError, parse_config
 from vcr1.model import load_model, load_tokenizer
 from vcr1.tiny import build_tokenizer
-from vcr1.warm_start import RECIPE, WARM_START, build, load_warm_start, tokenizer_fingerprint
+from vcr1.warm_start import STAGES, WARM_START, build, load_warm_start, tokenizer_fingerprint
 
-# The recipe, shortened: a few warm-up steps on a few examples.
-SHORT = [*RECIPE, "--sft.steps", "3", "--sft.batch_size", "2", "--data.synthetic_train", "2",
-         "--data.synthetic_test", "1", "--eval_limit", "3", "--data.video.max_frames", "8",
-         "--grpo.max_completion_length", "8"]
+# The stages, shortened: a few warm-up steps on a few examples each.
+SHORT = [(*stage, "--sft.steps", "3", "--sft.batch_size", "2", "--data.synthetic_train", "2",
+          "--data.synthetic_test", "1", "--eval_limit", "3", "--data.video.max_frames", "8",
+          "--grpo.max_completion_length", "8") for stage in STAGES]
 
 
 def test_rebuild_is_bitwise_identical_and_loads_exactly(tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    meta = build(first, recipe=SHORT, threads=1, work=tmp_path / "run_a")
-    build(second, recipe=SHORT, threads=1, work=tmp_path / "run_b")
+    meta = build(first, stages=SHORT, threads=1, work=tmp_path / "run_a")
+    build(second, stages=SHORT, threads=1, work=tmp_path / "run_b")
     assert first.read_bytes() == second.read_bytes()
-    assert meta["recipe"] == " ".join(SHORT)
+    assert meta["recipe"] == " | ".join(" ".join(stage) for stage in SHORT)
+    # the second stage started from the weights the first exported, and moved them
+    stage_1 = tmp_path / "run_a" / "stage-1.safetensors"
+    config = yaml.safe_load((tmp_path / "run_a" / "stage-2" / "config.yaml").read_text())
+    assert config["model"]["init"] == str(stage_1)
+    assert not torch.equal(load_file(str(stage_1))["lm_head.weight"], load_file(str(first))["lm_head.weight"])
 
     tokenizer = load_tokenizer(None)
     weights = load_file(str(first))

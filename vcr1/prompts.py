@@ -29,6 +29,7 @@ _TRACK_ANSWER = ("Provide your answer within the <answer> </answer> tags as a li
                  "<answer>[[0.1, 0.5, 0.3, 0.55], [0.72, 0.25, 0.84, 0.43], ...]</answer>.")
 
 TASKS = ("tg", "tracking", "gqa", "mcq")  # the paper's tasks; every other module imports this
+DECIMALS = 2  # the precision the prompts ask for ("two decimal places"; the tracking example's boxes)
 
 
 def _then(paragraph: str) -> str:

@@ -13,7 +13,7 @@ from vcr1.data.annotations import Sample, load_annotations
 from vcr1.data.processor import prompt_inputs
 from vcr1.data.video import VideoError, load_video, video_inputs
 from vcr1.model import end_of_turn_id
-from vcr1.prompts import build_messages
+from vcr1.prompts import DECIMALS, build_messages
 
 log = logging.getLogger("vcr1.data")
 
@@ -53,7 +53,7 @@ def reference_answer(sample: Sample, think: bool) -> str:
         body, thought = f"{s:.2f} to {e:.2f}", f"The event happens from {s:.2f} to {e:.2f}."
         answer = f"<answer>{body}</answer>"
     elif sample.task == "tracking":
-        boxes = [[round(float(v), 2) for v in box] for box in sol["boxes"]]
+        boxes = [[round(float(v), DECIMALS) for v in box] for box in sol["boxes"]]
         answer, thought = f"<answer>{boxes}</answer>", f"The {sample.fields['object']} moves across the video."
     elif sample.task in ("gqa", "mcq"):
         letter = sol["answer"].strip("() ")

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from vcr1.data.video import select_tracking_frames
+from vcr1.prompts import DECIMALS
 
 COLORS = ("red", "green", "blue", "yellow", "white", "purple")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -37,7 +38,7 @@ RGB = {
 }
 SPLITS = ("train", "test")
 SYNTHETIC_TASKS = ("tg", "tracking", "gqa")  # mcq reuses gqa's NExT-GQA-format files
-VERSION = 5  # bump when the generated content changes, so that cached datasets are regenerated
+VERSION = 6  # bump when the generated content changes, so that cached datasets are regenerated
 APPEARANCE_SECONDS = 8  # length of every tg and gqa video
 # The target's time on screen, in seconds, anywhere in the video, so that no one span fits most answers:
 # the best answer that ignores the video scores ~30 mIoU (with spans up to 60% of the video, ~50).
@@ -127,15 +128,16 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
 
 def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
     """H.264 mp4 of uint8 (n, h, w, 3) frames. In-process (torchcodec's encoder), because starting one ffmpeg
-    per video took most of a default run's 38 s of dataset generation; one encoder thread keeps the bytes
-    the same on every machine, where x264's default thread count follows the cores."""
+    per video took most of a default run's 38 s of dataset generation. The same bytes on every run and
+    machine: one encoder thread (x264's default count follows the cores) and a constant quantiser, because
+    x264's rate control (crf) encoded the same frames differently from run to run on an AVX-512 AMD EPYC."""
     import torch
     from torchcodec.encoders import VideoEncoder
 
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = VideoEncoder(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), frame_rate=fps)
-    encoder.to_file(str(path), codec="libx264", pixel_format="yuv420p", crf=12, preset="veryfast",
-                    extra_options={"threads": 1})
+    encoder.to_file(str(path), codec="libx264", pixel_format="yuv420p", preset="veryfast",
+                    extra_options={"threads": 1, "qp": 12})
 
 
 def _tg(rng, i, split, media, size, fps):
@@ -206,7 +208,8 @@ def _track(rng, i, split, media, size):
     # Spec §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
     # the model sees 8 frames and the 8th box is the 7th's.
     picks = select_tracking_frames(n) + [n - 1]
-    gt = [[round(v, 3) for v in boxes[k]] for k in picks]
+    # At the answers' precision, so that the prompt's start box reads exactly as the answer's first box.
+    gt = [[round(v, DECIMALS) for v in boxes[k]] for k in picks]
     return {"path": f"/synthetic/GOT-10k/{split}/{name}", "object": f"{objs[0][0]} {objs[0][1]}", "gt": gt}
 
 
