@@ -11,7 +11,7 @@ figures. Prints per headline metric: before, after GRPO, after continued SFT (me
 spread over seeds) and the blind answer's, which looks at no video (vcr1.metrics.blind_answers: for the
 temporal mIoUs one span per video duration fitted on the train split, for tracking the prompt's initial box
 in every frame); writes the figures to
-bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 9 minutes per
+bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 8 minutes per
 seed on 2 cores; a run already finished under --out is read back, not redone. Not a timed test.
 """
 from __future__ import annotations

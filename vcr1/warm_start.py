@@ -30,8 +30,8 @@ _SFT = (
     "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72",
     "--eval_before_after", "true", "--save_every", "100000",
 )
-# Stage 1 from random weights; stage 2 restarts the cosine from its end, lower: tracking's held-out AO rose
-# from 24 to 30 with the other tasks kept (a longer first stage would also decay its rate to 0 at its end).
+# Stage 1 from random weights; stage 2 restarts a lower cosine from its weights. On the stages' own test split
+# stage 2 raised tracking AO from 24 to 30 and tg mIoU from 58 to 65 (gqa accuracy 79 -> 75: one of 24).
 STAGES = (
     (*_SFT, "--sft.steps", "2000", "--sft.lr", "2e-3", "--model.init", "none"),
     (*_SFT, "--sft.steps", "600", "--sft.lr", "5e-4"),
