@@ -50,7 +50,8 @@ def reference_answer(sample: Sample, think: bool) -> str:
     sol = sample.solution
     if sample.task == "tg":
         s, e = sol["span"]
-        body, thought = f"{s:.2f} to {e:.2f}", f"The event happens from {s:.2f} to {e:.2f}."
+        s, e = f"{s:.{DECIMALS}f}", f"{e:.{DECIMALS}f}"
+        body, thought = f"{s} to {e}", f"The event happens from {s} to {e}."
         answer = f"<answer>{body}</answer>"
     elif sample.task == "tracking":
         boxes = [[round(float(v), DECIMALS) for v in box] for box in sol["boxes"]]
