@@ -52,3 +52,26 @@ def test_a_fresh_run_starts_over(tmp_path):
     monitor.close()
     assert rows(tmp_path / "metrics.jsonl") == [{"step": 1, "stage": "sft", "loss": 0.5}]
     assert (tmp_path / "samples.jsonl").read_text() == ""
+
+
+def test_reward_curve_marks_the_blind_answers_beside_the_held_out_bars(tmp_path):
+    import numpy as np
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    from vcr1.monitor import plot_rewards
+
+    evals = [{"step": s, "stage": "eval", "eval/tg/mIoU": m, "eval/tracking/AO": a}
+             for s, m, a in ((0, 60.0, 30.0), (4, 65.0, 32.0))]
+    steps = [{"step": s, "stage": "grpo", "reward": 1.0, "reward/tg/iou": 0.5 + s / 100} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals[:1] + steps + evals[1:]))
+    red = np.array(to_rgb("C3")) * 255
+
+    def red_pixels(blind):
+        png = tmp_path / "curve.png"
+        plot_rewards(tmp_path / "metrics.jsonl", png, blind)
+        pixels = np.asarray(Image.open(png).convert("RGB"), dtype=float)
+        return int((np.abs(pixels - red).sum(-1) < 30).sum())
+
+    assert red_pixels(None) == 0
+    assert red_pixels({"tg mIoU": 20.0, "tracking AO": 44.0}) > 100

@@ -224,6 +224,22 @@ def test_interleaved_order_gives_every_step_the_same_task_mix(synthetic):
         assert all(len(t) == 3 for t in triples) == mixed
 
 
+def test_reshuffle_false_repeats_the_first_epochs_order(synthetic):
+    from vcr1.data.dataset import PromptStream, load_split, synthetic_datasets
+
+    cfg = parse_config(["--data.synthetic_dir", str(synthetic)])
+    samples, _ = load_split(synthetic_datasets(synthetic, cfg.data, 0)["train"])
+    for reshuffle in (True, False):
+        cfg.data.reshuffle = reshuffle
+        stream = PromptStream(samples, None, None, cfg.data, rank=0, world=1, seed=0)
+        epochs = [[stream._next_sample().uid for _ in range(len(samples))] for _ in range(3)]
+        assert all(sorted(e) == sorted(s.uid for s in samples) for e in epochs)
+        assert (epochs[0] == epochs[1] == epochs[2]) == (not reshuffle)
+        resumed = PromptStream(samples, None, None, cfg.data, rank=0, world=1, seed=0)
+        resumed.load_state({"epoch": 2, "cursor": 0, "skipped_media": 0})
+        assert [resumed._next_sample().uid for _ in range(len(samples))] == epochs[2]
+
+
 def test_a_video_shared_by_prompts_is_decoded_once_per_batch(tmp_path, synthetic, monkeypatch):
     from vcr1.data import dataset
     from vcr1.data.dataset import PromptStream, load_split

@@ -73,7 +73,8 @@ class Monitor:
         if self.enabled:
             print(f"[{time.time() - self.start:7.1f}s] {text}", flush=True)
 
-    def close(self):
+    def close(self, blind: dict | None = None):
+        """Flush and close the logs and draw reward_curve.png (`blind`: as in plot_rewards)."""
         if not self.enabled:
             return
         self.metrics.close()
@@ -81,7 +82,7 @@ class Monitor:
         self.tb.close()
         if self.wandb:
             self.wandb.finish()
-        plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png")
+        plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png", blind)
 
 
 def _keep_until(path: Path, step: int):
@@ -144,10 +145,11 @@ def _smooth(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_rewards(metrics_path: Path, png: Path):
+def plot_rewards(metrics_path: Path, png: Path, blind: dict | None = None):
     """Left: each task's accuracy reward per GRPO step (tg IoU, tracking IoU, gqa accuracy and glue IoU),
     smoothed, over its raw values. Right: the held-out headline metrics before and after GRPO, when the
-    run evaluated both."""
+    run evaluated both, with a marker at the blind answer's figure for the metrics `blind` has
+    ({"tg mIoU": x, ...}: vcr1.metrics.blind_answers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +182,10 @@ def plot_rewards(metrics_path: Path, png: Path):
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], [a for _, a, _ in compared], width=0.4, label="before GRPO", color="0.6")
         ax.bar([i + 0.2 for i in x], [b for _, _, b in compared], width=0.4, label="after GRPO", color="C0")
+        marked = [(i, blind[name]) for i, name in enumerate(names) if name in (blind or {})]
+        if marked:
+            ax.scatter(*zip(*marked), marker="_", s=900, linewidths=2.5, color="C3", zorder=3,
+                       label="blind answer")
         ax.set_xticks(list(x), names, fontsize=8)
         ax.set_title("held-out metrics (%)")
         ax.legend(fontsize=8)

@@ -278,10 +278,11 @@ class Trainer:
                 if stop:
                     self.monitor.progress(f"stopped by a signal after step {row['step']}: resume with --resume true")
                     break
-        self.monitor.close()
-        if self.step == total and cfg.eval_before_after and "grpo" in cfg.stage:
-            # What an answer that ignores the video scores on the same held-out examples, beside tg/glue mIoU.
-            blind = blind_answers(self.train_samples, self.eval_samples)
+        compared = self.step == total and cfg.eval_before_after and "grpo" in cfg.stage
+        # What an answer that ignores the video scores on the same held-out examples, beside the metrics.
+        blind = blind_answers(self.train_samples, self.eval_samples) if compared else None
+        self.monitor.close(blind)
+        if compared:
             self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total, blind))
         if self.step == total:
             self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "

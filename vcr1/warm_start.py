@@ -24,10 +24,11 @@ from pathlib import Path
 
 WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
 # --optim.lr: the warm-up's rate is optim.lr × (sft.lr / optim.lr), whose last bit depends on optim.lr; the
-# file was built with 3e-4, so the recipe pins it (the default's GRPO rate is 1e-4).
+# file was built with 3e-4, so the recipe pins it (the default's GRPO rate is 1e-4). --data.reshuffle: the
+# warm-up's ~13 passes each take a new order, as they did before the default run kept one.
 _SFT = (
     "--stage", "sft", "--seed", "1000", "--sft.scheduler", "cosine", "--sft.batch_size", "8", "--optim.lr", "3e-4",
-    "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72",
+    "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72", "--data.reshuffle", "true",
     "--eval_before_after", "true", "--save_every", "100000",
 )
 # Stage 1 from random weights; stage 2 restarts a lower cosine from its weights. On the stages' own test split

@@ -142,7 +142,7 @@ class PromptStream:
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> list[int]:
-        rng = random.Random(self.seed * 1000 + self.epoch)
+        rng = random.Random(self.seed * 1000 + (self.epoch if self.data_cfg.reshuffle else 0))
         order = list(range(len(self.samples)))
         rng.shuffle(order)
         if self.data_cfg.interleave_tasks:
