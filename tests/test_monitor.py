@@ -65,13 +65,13 @@ def test_reward_curve_marks_the_blind_answers_beside_the_held_out_bars(tmp_path)
              for s, m, a in ((0, 60.0, 30.0), (4, 65.0, 32.0))]
     steps = [{"step": s, "stage": "grpo", "reward": 1.0, "reward/tg/iou": 0.5 + s / 100} for s in range(1, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals[:1] + steps + evals[1:]))
-    red = np.array(to_rgb("C3")) * 255
+    mark = np.array(to_rgb("C4")) * 255
 
-    def red_pixels(blind):
+    def marker_pixels(blind):
         png = tmp_path / "curve.png"
         plot_rewards(tmp_path / "metrics.jsonl", png, blind)
         pixels = np.asarray(Image.open(png).convert("RGB"), dtype=float)
-        return int((np.abs(pixels - red).sum(-1) < 30).sum())
+        return int((np.abs(pixels - mark).sum(-1) < 30).sum())
 
-    assert red_pixels(None) == 0
-    assert red_pixels({"tg mIoU": 20.0, "tracking AO": 44.0}) > 100
+    assert marker_pixels(None) == 0
+    assert marker_pixels({"tg mIoU": 20.0, "tracking AO": 44.0}) > 100

@@ -180,15 +180,20 @@ def plot_rewards(metrics_path: Path, png: Path, blind: dict | None = None):
         ax = axes[0, 1]
         names = [name for name, _, _ in compared]
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [a for _, a, _ in compared], width=0.4, label="before GRPO", color="0.6")
-        ax.bar([i + 0.2 for i in x], [b for _, _, b in compared], width=0.4, label="after GRPO", color="C0")
+        for shift, values, label, color in ((-0.2, [a for _, a, _ in compared], "before GRPO", "0.6"),
+                                            (0.2, [b for _, _, b in compared], "after GRPO", "C0")):
+            bars = ax.bar([i + shift for i in x], values, width=0.4, label=label, color=color)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
         marked = [(i, blind[name]) for i, name in enumerate(names) if name in (blind or {})]
         if marked:
-            ax.scatter(*zip(*marked), marker="_", s=900, linewidths=2.5, color="C3", zorder=3,
+            # C4: a colour the reward curves (C0-C3) do not use
+            ax.scatter(*zip(*marked), marker="_", s=900, linewidths=2.5, color="C4", zorder=3,
                        label="blind answer")
         ax.set_xticks(list(x), names, fontsize=8)
         ax.set_title("held-out metrics (%)")
-        ax.legend(fontsize=8)
+        heights = [v for _, a, b in compared for v in (a, b)] + [v for _, v in marked]
+        ax.set_ylim(0, 1.25 * max(heights))  # room for the legend above the bars
+        ax.legend(fontsize=8, loc="upper left", ncols=3, markerscale=0.4)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
