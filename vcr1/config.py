@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from vcr1.data.annotations import FORMATS
+from vcr1.data.synthetic import SYNTHETIC_TASKS
 from vcr1.prompts import TASKS
 from vcr1.warm_start import WARM_START
 from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES
@@ -168,6 +169,7 @@ class TrainConfig:
 
 # The embedded default: small enough to finish in minutes on 2 CPU cores, and show learning. GRPO starts
 # from the shipped warm start (vcr1/warm_start.py); the sft.* values are its recipe's, for --sft.steps N.
+_TINY_TEST = 192  # held-out examples per task, all of them scored by both evaluations
 TINY_PRESET = {
     "model.init": str(WARM_START),
     "model.dtype": "fp32",
@@ -184,7 +186,7 @@ TINY_PRESET = {
     # 48 prompts) exceeded what GRPO changed: a task's reward fell on 2 seeds of 3 (README, GRPO against SFT).
     "data.synthetic_train": 96,
     "data.reshuffle": False,
-    "data.synthetic_test": 192,
+    "data.synthetic_test": _TINY_TEST,
     "grpo.num_generations": 8,
     "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
     "sft.steps": 0,
@@ -205,7 +207,7 @@ TINY_PRESET = {
     "max_steps": 120,  # with both evaluations, within 8 minutes on 2 CPU cores
     "epochs": 100,  # max_steps decides the length
     "save_every": 60,
-    "eval_limit": 576,  # the whole held-out split
+    "eval_limit": len(SYNTHETIC_TASKS) * _TINY_TEST,  # the whole held-out split
     "eval_batch_size": 48,  # as many rows as a rollout decodes together
     "eval_before_after": True,
     "samples_every": 10,
