@@ -204,7 +204,7 @@ TINY_PRESET = {
     # Advantages divided by the std of the step's rewards, not each group's (the paper's): tracking's eight boxes
     # sampled at 0.4 differ in IoU by a few hundredths, which a group's std blows up to advantages of +-1 on
     # noise. Per group, tracking's held-out AO fell 3.2 on one of six runs (seed 1, two threads); per batch, a
-    # format failure (0/1) and a gqa answer still weigh fully, and all 24 held-out changes (seeds 0-2, one and
+    # format failure (0/1) and a gqa answer still weigh fully, and all 40 held-out changes (seeds 0-4, one and
     # two threads) improved.
     "grpo.scale_rewards": "batch",
     "engine.zero_stage": 0,
