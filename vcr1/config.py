@@ -198,8 +198,8 @@ TINY_PRESET = {
     "optim.scheduler": "constant",
     # Below the paper's 1.0: this model's boxes sampled at 1.0 score far below its greedy ones (train IoU 0.20
     # against held-out AO 31), so GRPO raised the samples' IoU while the greedy AO fell (31.3 -> 25.1, seed 2);
-    # nearer the greedy answer, what GRPO reinforces carries to it. Held-out tracking AO over seeds 0, 1, 2:
-    # -0.5/-1.1/+3.0 at 0.7, +1.8/-0.4/+0.3 at 0.5, +2.8/+1.9/+2.3 at 0.4, and at 0.3 seed 1 fell by 11.5.
+    # nearer the greedy answer, what GRPO reinforces carries to it. Held-out tracking AO over seeds 0, 1, 2 with
+    # per-group std: -0.5/-1.1/+3.0 at 0.7, +1.8/-0.4/+0.3 at 0.5, +2.8/+1.9/+2.3 at 0.4; at 0.3 seed 1 fell 11.5.
     "grpo.temperature": 0.4,
     # Advantages divided by the std of the step's rewards, not each group's (the paper's): tracking's eight boxes
     # sampled at 0.4 differ in IoU by a few hundredths, which a group's std blows up to advantages of +-1 on
