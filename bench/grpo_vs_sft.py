@@ -8,7 +8,7 @@ the same training examples (the seed's synthetic train split) at GRPO's learning
 that only the objective differs (the warm-up's own rate decays to 0 by its end). Both start
 from the same weights and evaluate the seed's synthetic held-out split, so they share the "before"
 figures. Prints per headline metric: before, after GRPO, after continued SFT (mean ± half the min-max
-spread over seeds) and the blind answer's, which looks at no video (vcr1.metrics.blind_answers: for the
+spread over seeds) and the blind answer's, which looks at no video (vcr1.tasks.blind_answers: for the
 temporal mIoUs one span per video duration fitted on the train split, for tracking the prompt's initial box
 in every frame); writes the figures to
 bench/results/grpo_vs_sft.json. Runs one training at a time (they share the CPU): about 8 minutes per
@@ -53,12 +53,12 @@ def _evals(rows: list[dict]) -> dict[int, dict]:
 
 
 def _blind(synthetic: Path) -> dict[str, float]:
-    """The blind answers' held-out figures ("tg mIoU", "gqa mIoU", "tracking AO"): vcr1.metrics.blind_answers."""
+    """The blind answers' held-out figures ("tg mIoU", "gqa mIoU", "tracking AO"): vcr1.tasks.blind_answers."""
     from vcr1.data.annotations import load_annotations
-    from vcr1.metrics import blind_answers
+    from vcr1.tasks import SYNTHETIC, blind_answers
 
     def samples(split):  # the trainer's own loader
-        return [x for task in ("tg", "tracking", "gqa")
+        return [x for task in SYNTHETIC
                 for x in load_annotations(task, synthetic / split / f"{task}.json", synthetic / split / task)[0]]
 
     return blind_answers(samples("train"), samples("test"))
@@ -71,8 +71,8 @@ def _summary(values: list[float]) -> dict:
 def main(argv=None):
     sys.path.append(str(REPO))  # an uninstalled checkout still finds vcr1, after installed packages
     from vcr1.config import parse_config
-    from vcr1.metrics import HEADLINE
-    from vcr1.monitor import ACCURACY_COMPONENTS
+    from vcr1.monitor import FORMAT_COMPONENTS
+    from vcr1.tasks import SYNTHETIC, get_task
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -89,7 +89,8 @@ def main(argv=None):
         grpo = _evals(rows)
         steps = [r for r in rows if r["stage"] == "grpo"]
         fifth = max(1, len(steps) // 5)
-        for key in sorted({k for r in steps for k in r if k.rsplit("/", 1)[-1] in ACCURACY_COMPONENTS}):
+        for key in sorted({k for r in steps for k in r if k.startswith("reward/") and k.count("/") == 2
+                           and k.rsplit("/", 1)[-1] not in FORMAT_COMPONENTS}):
             for name, part in (("first fifth", steps[:fifth]), ("last fifth", steps[-fifth:])):
                 values = [r[key] for r in part if r.get(key) is not None]
                 rewards.setdefault(key, {}).setdefault(name, []).append(sum(values) / len(values))
@@ -97,8 +98,8 @@ def main(argv=None):
                             "--sft.steps", str(warm + extra), "--sft.lr", str(default.optim.lr),
                             "--sft.scheduler", default.optim.scheduler, "--eval_before_after", "true"))
         blind = _blind(args.out / f"synthetic-{seed}")
-        for task, names in HEADLINE.items():
-            for name in names:
+        for task in SYNTHETIC:
+            for name in get_task(task).headline:
                 key = f"eval/{task}/{name}"
                 if key in grpo.get(warm, {}):
                     row = figures.setdefault(f"{task} {name}", {"before": [], "grpo": [], "sft": []})

@@ -21,7 +21,7 @@ from vcr1 import tiny
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.train import Tally, Trainer
-from vcr1_testing import BENCH_RESULTS
+from vcr1_testing import BENCH_RESULTS, synthetic_tasks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = {
@@ -61,7 +61,7 @@ def seven_b_checkpoint(root: Path) -> Path:
 
 
 def trainer_args(root: Path, path: str) -> list[str]:
-    data = generate(root / "data", n_train=8, n_test=1, size=SHAPE["video_size"])["train"]
+    data = generate(root / "data", tasks=synthetic_tasks(), n_train=8, n_test=1, size=SHAPE["video_size"])["train"]
     args = ["--output_dir", str(root / path), "--stage", "grpo", "--max_steps", "100",
             "--grpo.num_generations", str(SHAPE["group"]), "--prompts_per_step", str(SHAPE["prompts"]),
             "--grpo.max_completion_length", str(SHAPE["completion"]),

@@ -1,4 +1,4 @@
-"""Annotation loaders: every real file (spec §6 counts), malformed entries, JSONL, GOT-10k re-rooting."""
+"""Annotation loaders: every real file (docs/paper.md §6 counts), malformed entries, JSONL, GOT-10k re-rooting."""
 import json
 import logging
 from pathlib import Path
@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vcr1.data.annotations import Sample, detect_format, load_annotations, reroot
+from vcr1.data.annotations import detect_format, load_annotations
+from vcr1.data.sample import Sample
 from vcr1.data.video import VideoError, load_video, select_tracking_frames
-from vcr1.rewards import score, validate_solution
+from vcr1.tasks import get_task
+from vcr1.tasks.tracking import reroot
 
-REAL = {  # file: (task, format, entries (spec §6), uids of the entries skipped as malformed)
+REAL = {  # file: (task, format, entries (docs/paper.md §6), uids of the entries skipped as malformed)
     # four Charades-STA training sentences end before they start
     "charades_sta_train.json": ("tg", "charades", 12_408, {"LEOL6#0", "IOL8Q#0", "AKKWU#0", "AKKWU#1"}),
     "charades_sta_test.json": ("tg", "charades", 3_720, set()),
@@ -75,9 +77,9 @@ def test_real_samples_never_make_rewards_raise(shared_data, name, task, tmp_path
     """Load-time validation is the rewards' own: no sample that loaded can fail in training."""
     samples, _ = load_annotations(task, shared_data / "annotations" / name, tmp_path)
     for s in samples:
-        validate_solution(s.task, s.solution, s.fields.get("options"))
+        get_task(s.task).check(s.fields, s.solution)
         for completion in ("", "<think>.</think><answer>A 1 to 2</answer><glue>[(1, 2)]</glue>"):
-            score(s.task, completion, s.solution)
+            get_task(s.task).rewards(completion, s.solution, True)
 
 
 def test_real_nextgqa_as_plain_mcq(shared_data, tmp_path):
@@ -252,7 +254,7 @@ BAD_GROUND_TRUTH = {  # uid: (line, what the skip message says)
 
 
 def test_jsonl_skips_and_counts_bad_ground_truth(tmp_path, caplog):
-    """Each rule of vcr1.rewards.validate_solution (and the options' letter range) applies at load time."""
+    """Each rule of a task's `check` (and the options' letter range) applies at load time."""
     good = {"zero-length span": {**TG, "solution": {"span": [3, 3]}},
             "last option": {**MCQ, "solution": {"answer": "(D)"}},
             "gqa last option": {**GQA, "solution": {"answer": "The answer is (B)", "glue": [[0, 1], [1, 2]]}},
@@ -288,7 +290,7 @@ def test_reroot(path, expected, tmp_path):
 
 
 def test_got10k_sample_loads_its_eight_frames(tmp_path):
-    """A sample re-rooted onto a sequence directory decodes to the spec §2 frame selection; a sequence
+    """A sample re-rooted onto a sequence directory decodes to the docs/paper.md §2 frame selection; a sequence
     missing here fails only at load time, with VideoError."""
     seq = tmp_path / "val" / "GOT-10k_Val_000001"
     seq.mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from vcr1 import engine
 from vcr1.config import parse_config
-from vcr1_testing import REPO
+from vcr1_testing import REPO, synthetic_tasks
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list",
                "reduce_scatter", "all_to_all", "barrier", "reduce", "gather", "scatter")
@@ -62,7 +62,7 @@ def test_every_collective_of_a_training_run_gets_its_tensor_on_the_collective_de
         return fake
 
     synthetic = tmp_path / "synthetic"
-    generate(synthetic, seed=0, n_train=2, n_test=1)
+    generate(synthetic, tasks=synthetic_tasks(), seed=0, n_train=2, n_test=1)
     cfg = parse_config(["--output_dir", str(tmp_path / "o"), "--data.synthetic_dir", str(synthetic),
                         "--data.synthetic_train", "2", "--data.synthetic_test", "1", "--sft.steps", "1",
                         "--sft.batch_size", "2", "--max_steps", "1", "--prompts_per_step", "2",

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vcr1.data.annotations import Sample, load_annotations
+from vcr1.data.annotations import load_annotations
+from vcr1.data.sample import Sample
+from vcr1_testing import synthetic_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 # Small clips keep the tiny model fast on 2 CPU cores (the tiny preset's budget, 8 frames at most).
@@ -124,7 +126,7 @@ def test_score_only_missing_file(tmp_path):
 def synthetic(tmp_path_factory) -> dict:
     from vcr1.data.synthetic import generate
 
-    return generate(tmp_path_factory.mktemp("synthetic"), n_train=1, n_test=3)["test"]
+    return generate(tmp_path_factory.mktemp("synthetic"), tasks=synthetic_tasks(), n_train=1, n_test=3)["test"]
 
 
 def data_args(synthetic, task):

@@ -7,9 +7,10 @@ import torch
 
 from vcr1 import grpo
 from vcr1.config import GRPOConfig
-from vcr1.data.annotations import Sample
-from vcr1.data.dataset import reference_answer, reference_tokens
+from vcr1.data.dataset import reference_tokens
+from vcr1.data.sample import Sample
 from vcr1.model import END_OF_TURN, install_lm_head, load_model, load_tokenizer
+from vcr1.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_a_micro_batch_with_no_scorable_group_trains_with_a_zero_loss(tiny, monk
     def broken(*a, **kw):
         raise ValueError("reward bug")
 
-    monkeypatch.setattr(grpo, "score", broken)
+    monkeypatch.setattr(get_task("tg"), "rewards", broken)
     scored = grpo.score_groups(_groups(tokenizer, [0.0] * 4), tokenizer, g, think=False)
     assert scored.failed == 2 and scored.groups.weight == 0 and len(scored.groups.examples) == 2
     batch = grpo.with_advantages(scored.groups, g)
@@ -71,7 +72,7 @@ def test_a_micro_batch_with_no_scorable_group_trains_with_a_zero_loss(tiny, monk
 def test_warm_up_target_ends_the_turn_as_the_chat_template_does(tiny, task, solution, fields):
     _, tokenizer = tiny
     sample = Sample(task=task, uid="u", video="v.mp4", fields=fields, solution=solution)
-    answer = reference_answer(sample, think=True)
+    answer = get_task(task).reference_answer(fields, solution, think=True)
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
     rendered = tokenizer.apply_chat_template(turns, tokenize=False)
     turn = rendered.split("<|im_start|>assistant\n", 1)[1]

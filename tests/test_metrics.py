@@ -1,17 +1,28 @@
-"""Evaluation metrics (spec §5): hand-computed small cases, then the real annotation files with
+"""Evaluation metrics (docs/paper.md §5): hand-computed small cases, then the real annotation files with
 synthetic predictions, aggregated over every item."""
 import json
 import random
 
 import pytest
 
-from vcr1.metrics import aggregate, blind_answers, blind_span_baseline, blind_tracking_ao, score_item, score_predictions
+from vcr1.eval import score_predictions
+from vcr1.metrics import blind_span_baseline
 from vcr1.rewards import temporal_iou
+from vcr1.tasks import blind_answers, get_task
+from vcr1.tasks.tracking import blind_ao as blind_tracking_ao
 
 BOX = [0.0, 0.0, 0.5, 0.5]
 IOU_THIRD = [0.25, 0.0, 0.75, 0.5]   # IoU with BOX 1/3
 IOU_06 = [0.0, 0.0, 0.5, 0.3]        # 0.15 / 0.25 = 0.6
 IOU_HALF = [0.0, 0.0, 0.5, 0.25]     # exactly 0.5
+
+
+def aggregate(task, items):
+    return get_task(task).aggregate(items)
+
+
+def score_item(task, completion, solution):
+    return get_task(task).score(completion, solution)
 
 
 def run(task, pairs):
@@ -195,7 +206,7 @@ def test_blind_tracking_ao_repeats_the_initial_box():
 
 
 def test_blind_answers_cover_each_task_with_samples():
-    from vcr1.data.annotations import Sample
+    from vcr1.data.sample import Sample
 
     def sample(task, **kw):
         return Sample(task=task, uid="u", video="v.mp4", **kw)

@@ -69,7 +69,7 @@ def test_reward_curve_marks_the_blind_answers_beside_the_held_out_bars(tmp_path)
 
     def marker_pixels(blind):
         png = tmp_path / "curve.png"
-        plot_rewards(tmp_path / "metrics.jsonl", png, blind)
+        plot_rewards(tmp_path / "metrics.jsonl", png, {"tg": ("mIoU",), "tracking": ("AO",)}, blind)
         pixels = np.asarray(Image.open(png).convert("RGB"), dtype=float)
         return int((np.abs(pixels - mark).sum(-1) < 30).sum())
 

@@ -1,12 +1,20 @@
-"""Prompts against the verbatim text of spec §3, read from the spec file itself."""
+"""Each task's prompt against the verbatim text of the paper's prompts (the project spec's §3, read from the
+spec file itself; docs/paper.md §3 quotes them)."""
 import re
 
 import pytest
 
-from vcr1.prompts import build_messages, build_prompt
+from vcr1.prompts import build_messages
+from vcr1.tasks import get_task
 
 OPTIONS = ["(A) laughing", "(B) tie shoelace", "(C) adjust shoes", "(D) focused on the ground",
            "(E) attract dog's attention"]
+
+
+def build_prompt(task, fields, think=True):
+    return get_task(task).prompt(fields, think)
+
+
 QA = {"question": "why did the boy bend down", "options": OPTIONS}
 TRACK = {"object": "sloth", "start": [0.093, 0.0, 0.8, 0.797]}
 
@@ -74,9 +82,8 @@ def test_mcq_is_gqa_without_glue(spec):
 
 
 def test_messages_text_then_video():
-    messages = build_messages("tracking", TRACK, think=False)
-    assert messages == [{"role": "user", "content": [
-        {"type": "text", "text": build_prompt("tracking", TRACK, think=False)}, {"type": "video"}]}]
+    messages = build_messages("Track it.")
+    assert messages == [{"role": "user", "content": [{"type": "text", "text": "Track it."}, {"type": "video"}]}]
 
 
 def test_bad_input():

@@ -1,26 +1,38 @@
-"""Rewards against spec §4, with hand-computed values and the edge cases that broke other parsers."""
+"""Rewards against docs/paper.md §4, with hand-computed values and the edge cases that broke other parsers."""
 import math
 import re
 
 import pytest
 
-from vcr1.rewards import (
-    format_reward,
-    glue_iou,
-    gqa_accuracy,
-    intervals_iou,
-    merge_intervals,
-    parse_glue,
-    score,
-    tg_iou,
-    total_reward,
-    tracking_iou,
-    validate_solution,
-)
+from vcr1.rewards import intervals_iou, merge_intervals, parse_glue, total_reward
+from vcr1.tasks import get_task
+from vcr1.tasks.temporal_grounding import iou_reward as tg_iou
+from vcr1.tasks.tracking import iou_reward as tracking_iou
+from vcr1.tasks.video_qa import accuracy as gqa_accuracy
+from vcr1.tasks.video_qa import glue_iou
 
 BOX = [0.0, 0.0, 0.5, 0.5]
 GT_BOXES = [BOX] * 8
 SHIFTED = [0.25, 0.0, 0.75, 0.5]  # IoU with BOX: 0.125 / (0.25 + 0.25 - 0.125) = 1/3
+# Well-formed examples of each task, for the calls below that test one part of a task's rules.
+SOLUTIONS = {"tg": {"span": [1, 2]}, "tracking": {"boxes": GT_BOXES},
+             "gqa": {"answer": "(A)", "glue": [[1, 2]]}, "mcq": {"answer": "(A)"}}
+SEVEN_OPTIONS = [f"({c}) option" for c in "ABCDEFG"]
+FIELDS = {"tg": {"event": "a shape appears"}, "tracking": {"object": "red circle", "start": BOX},
+          "gqa": {"question": "q?", "options": SEVEN_OPTIONS}, "mcq": {"question": "q?", "options": SEVEN_OPTIONS}}
+
+
+def score(task, completion, solution, think=True):
+    return get_task(task).rewards(completion, solution, think)
+
+
+def format_reward(task, completion, think=True):
+    return score(get_task(task).name, completion, SOLUTIONS[task], think)["format"]
+
+
+def validate_solution(task, solution, options=None):
+    fields = FIELDS[get_task(task).name]
+    get_task(task).check({**fields, "options": options} if options and "options" in fields else fields, solution)
 
 
 def think(answer, glue=None):
@@ -246,7 +258,7 @@ def test_answer_letter_must_name_an_option():
     options = ["(A) a", "(B) b", "(C) c", "(D) d"]
     validate_solution("mcq", {"answer": "(D)"}, options)
     validate_solution("gqa", {"answer": "The answer is D", "glue": [[1, 2]]}, options)
-    validate_solution("mcq", {"answer": "(E)"})          # without the options the range is unknown
+    validate_solution("mcq", {"answer": "(E)"})          # in range of seven options
     for task, solution in [("mcq", {"answer": "(E)"}), ("gqa", {"answer": "(G)", "glue": [[1, 2]]})]:
         with pytest.raises(ValueError, match="out of range for 4 options"):
             validate_solution(task, solution, options)

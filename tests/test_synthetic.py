@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from vcr1.data.annotations import load_annotations
-from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, SYNTHETIC_TASKS, generate, shape_mask
+from vcr1.data.synthetic import COLORS, RGB, SHAPES, SPLITS, generate, shape_mask
 from vcr1.data.video import load_video
 from vcr1.prompts import DECIMALS
+from vcr1.tasks import SYNTHETIC as SYNTHETIC_TASKS
+from vcr1_testing import synthetic_tasks
 
 N_TRAIN, N_TEST, SIZE = 4, 2, 112
 CLOSE = 60  # max colour distance to a pure shape colour after H.264 / JPEG (≥ 100 between colours)
@@ -21,7 +23,8 @@ CLOSE = 60  # max colour distance to a pure shape colour after H.264 / JPEG (≥
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synthetic"), seed=0, n_train=N_TRAIN, n_test=N_TEST)
+    return generate(tmp_path_factory.mktemp("synthetic"), tasks=synthetic_tasks(), seed=0, n_train=N_TRAIN,
+                    n_test=N_TEST)
 
 
 def samples(paths, split, task):
@@ -74,8 +77,8 @@ def test_formats_mirror_real_files(paths):
 
 
 def test_deterministic(paths, tmp_path):
-    same = generate(tmp_path / "same", seed=0, n_train=N_TRAIN, n_test=N_TEST)
-    other = generate(tmp_path / "other", seed=1, n_train=N_TRAIN, n_test=N_TEST)
+    same = generate(tmp_path / "same", tasks=synthetic_tasks(), seed=0, n_train=N_TRAIN, n_test=N_TEST)
+    other = generate(tmp_path / "other", tasks=synthetic_tasks(), seed=1, n_train=N_TRAIN, n_test=N_TEST)
     for split in SPLITS:
         for task in SYNTHETIC_TASKS:
             ann = Path(paths[split][task]["annotations"]).read_text()
@@ -88,14 +91,14 @@ def test_deterministic(paths, tmp_path):
 
 
 def test_cached_unless_parameters_change(tmp_path):
-    generate(tmp_path, n_train=1, n_test=1)
+    generate(tmp_path, tasks=synthetic_tasks(), n_train=1, n_test=1)
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock")
     stamps = [p.stat().st_mtime_ns for p in files]
     start = time.perf_counter()
-    out = generate(tmp_path, n_train=1, n_test=1)
+    out = generate(tmp_path, tasks=synthetic_tasks(), n_train=1, n_test=1)
     assert time.perf_counter() - start < 1
     assert [p.stat().st_mtime_ns for p in files] == stamps
-    generate(tmp_path, n_train=1, n_test=2)  # a changed parameter regenerates
+    generate(tmp_path, tasks=synthetic_tasks(), n_train=1, n_test=2)  # a changed parameter regenerates
     assert len(samples(out, "test", "gqa")) == 2
 
 
@@ -206,12 +209,12 @@ def test_in_process_encoder_gives_the_ffmpeg_cli_pixels(tmp_path):
     import torch
     from torchcodec.decoders import VideoDecoder
 
-    from vcr1.data.synthetic import _appearance_video, _encode
+    from vcr1.data.synthetic import appearance_video, encode_mp4
 
     if shutil.which("ffmpeg") is None:
         pytest.skip("needs the ffmpeg command line")
-    frames, _, _ = _appearance_video(np.random.default_rng(7), SIZE, 4, 32)
-    _encode(frames, 4, tmp_path / "in_process.mp4")
+    frames, _, _ = appearance_video(np.random.default_rng(7), SIZE, 4, 32)
+    encode_mp4(frames, 4, tmp_path / "in_process.mp4")
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
                     "-s", f"{SIZE}x{SIZE}", "-r", "4", "-i", "-", "-c:v", "libx264", "-preset", "veryfast",
                     "-qp", "12", "-pix_fmt", "yuv420p", "-threads", "1", str(tmp_path / "cli.mp4")],

@@ -18,7 +18,8 @@ from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
 from vcr1.engine import standalone_env
-from vcr1_testing import REPO
+from vcr1.tasks import get_task
+from vcr1_testing import REPO, synthetic_tasks
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
          "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1",
@@ -28,7 +29,7 @@ SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    generate(root, seed=0, n_train=4, n_test=2)
+    generate(root, tasks=synthetic_tasks(), seed=0, n_train=4, n_test=2)
     return root
 
 
@@ -123,7 +124,7 @@ def _bad_dataset(tmp_path, synthetic):
 
 def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
     calls = {"score": 0, "loss": 0}
-    real_score, real_loss = grpo.score, grpo.grpo_loss
+    real_score, real_loss = get_task("tg").rewards, grpo.grpo_loss
 
     def flaky_score(*a, **kw):
         calls["score"] += 1
@@ -136,7 +137,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
         loss, stats = real_loss(*a, **kw)
         return (loss * float("nan"), stats) if calls["loss"] == 2 else (loss, stats)
 
-    monkeypatch.setattr(grpo, "score", flaky_score)
+    monkeypatch.setattr(get_task("tg"), "rewards", flaky_score)
     monkeypatch.setattr(grpo, "grpo_loss", nan_once)
     out = tmp_path / "o"
     trainer = _run(_args(out, tmp_path, "--data", _bad_dataset(tmp_path, synthetic), "--max_steps", "3",
@@ -389,8 +390,6 @@ def test_one_prompt_per_process_survives_bad_ground_truth(tmp_path, synthetic, m
     """The paper's batch shape (1 prompt per process, no accumulation) on a Charades-format file holding a
     reversed span (skipped at load), with a reward that throws on a whole step's only group and a held-out
     item that cannot be scored: the run finishes and counts each."""
-    from vcr1 import metrics
-
     ann = json.loads((synthetic / "train/tg.json").read_text())
     vid, entry = next(iter(ann.items()))
     ann[vid] = dict(entry, timestamps=entry["timestamps"] + [[6.0, 2.0]], sentences=entry["sentences"] + ["backwards."])
@@ -398,7 +397,8 @@ def test_one_prompt_per_process_survives_bad_ground_truth(tmp_path, synthetic, m
     held_out = json.dumps([{"task": "tg", "annotations": str(synthetic / "test/tg.json"),
                             "media_root": str(synthetic / "test/tg")}])
     calls = {"score": 0, "score_item": 0}
-    real_score, real_item = grpo.score, metrics.score_item
+    tg = get_task("tg")
+    real_score, real_item = tg.rewards, tg.score
 
     def score_fails_on_step_two(*a, **kw):  # GRPO step 1 scores one group of 2 completions; step 2 starts at 3
         calls["score"] += 1
@@ -412,8 +412,8 @@ def test_one_prompt_per_process_survives_bad_ground_truth(tmp_path, synthetic, m
             raise ValueError("malformed held-out solution")
         return real_item(*a, **kw)
 
-    monkeypatch.setattr(grpo, "score", score_fails_on_step_two)
-    monkeypatch.setattr(metrics, "score_item", first_item_fails)
+    monkeypatch.setattr(tg, "rewards", score_fails_on_step_two)
+    monkeypatch.setattr(tg, "score", first_item_fails)
     out = tmp_path / "o"
     trainer = _run(_args(out, synthetic, "--data", f"tg:{tmp_path / 'tg.json'}:{synthetic / 'train/tg'}",
                          "--data.eval_datasets", held_out, "--prompts_per_step", "1", "--grad_accum", "1",

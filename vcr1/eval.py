@@ -25,10 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-from vcr1 import metrics
 from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, DataConfig, VideoConfig, unrunnable_here
-from vcr1.data.annotations import FORMATS
-from vcr1.prompts import TASKS
+from vcr1.data.annotations import format_names
+from vcr1.tasks import get_task, task_names
 
 log = logging.getLogger("vcr1.eval")
 
@@ -74,7 +73,7 @@ def summarize(parts) -> dict:
         malformed.update(part_malformed)
     result = {}
     for task in sorted(set(items) | set(skipped) | set(malformed)):
-        result[task] = metrics.aggregate(task, items[task]) if items[task] else {"unparseable": 0, "n": 0}
+        result[task] = get_task(task).aggregate(items[task]) if items[task] else {"unparseable": 0, "n": 0}
         result[task].update(skipped=skipped[task], malformed=malformed[task])
     return result
 
@@ -103,7 +102,7 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
                                     batch_size=batch_size, max_new_tokens=max_new_tokens):
             for r in records:
                 try:
-                    items[r["task"]].append(metrics.score_item(r["task"], r["completion"], r["solution"]))
+                    items[r["task"]].append(get_task(r["task"]).score(r["completion"], r["solution"]))
                 except Exception as e:  # a malformed solution that bypassed load-time validation, or a bug
                     log.warning("not scoring %s: %r", r["uid"], e)
                     malformed[r["task"]] += 1
@@ -114,6 +113,28 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
 
 
 # ------------------------------------------------------------------------------- predictions files
+
+def score_predictions(task: str, path) -> dict:
+    """Metrics of a JSONL file of {"completion": str, "solution": {...}} lines, scored by `task`.
+
+    Lines that are not such objects, or whose solution is malformed, are skipped and counted in
+    `malformed`; blank lines are ignored.
+    """
+    task = get_task(task)
+    items, malformed = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("completion"), str):
+                    raise ValueError("want {'completion': str, 'solution': {...}}")
+                items.append(task.score(record["completion"], record.get("solution")))
+            except Exception:  # bad JSON, a malformed solution, or a task's scorer that threw: never fatal
+                malformed += 1
+    return {**task.aggregate(items), "malformed": malformed}
+
 
 def shards(path: Path) -> list[Path]:
     return sorted(path.parent.glob(path.name + ".rank*"))
@@ -171,14 +192,14 @@ def merge_shards(path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vcr1.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, help=f"a task ({', '.join(task_names())}) or module:Class of your own")
     p.add_argument("--predictions", required=True, type=Path,
                    help="JSONL of {uid, task, completion, solution}: appended to when generating, then scored")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
     gen = p.add_argument_group("generation (with --annotations)")
     gen.add_argument("--annotations", type=Path, help="annotation file to answer; without it, only score")
     gen.add_argument("--media_root", type=Path, help="folder the annotation's video paths are relative to")
-    gen.add_argument("--fmt", choices=FORMATS, help="default: detected")
+    gen.add_argument("--fmt", choices=format_names(), help="default: detected")
     gen.add_argument("--limit", type=int, help="answer at most this many items of the file")
     gen.add_argument("--model", help="Hugging Face checkpoint dir; omitted: the tiny random default (smoke tests)")
     gen.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16, fp32 for the tiny default")
@@ -241,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        get_task(args.task)
+    except ValueError as e:
+        parser.error(str(e))
     extra = {}
     if args.annotations is not None:
         if args.media_root is None:
@@ -255,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.predictions.is_file():
         parser.error(f"--predictions {args.predictions}: no such file")
     try:
-        result = {**metrics.score_predictions(args.task, args.predictions), **extra}
+        result = {**score_predictions(args.task, args.predictions), **extra}
     except ValueError as e:  # no scorable item at all
         print(f"vcr1.eval: {args.predictions}: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,8 @@ import torch
 from vcr1 import rollout
 from vcr1.loss import group_advantages
 from vcr1.packing import completion_hidden
-from vcr1.rewards import score, total_reward
+from vcr1.rewards import total_reward
+from vcr1.tasks import get_task
 from vcr1_kernels import grpo_loss, token_logprobs
 
 log = logging.getLogger("vcr1")
@@ -83,7 +84,7 @@ def score_groups(groups: Groups, tokenizer, g, *, think: bool) -> Scored:
         task = ex.sample.task
         try:
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in group]
-            parts = [score(task, t, ex.sample.solution, think=think) for t in texts]
+            parts = [get_task(task).rewards(t, ex.sample.solution, think) for t in texts]
         except Exception as e:  # a reward must not end the run
             log.warning("reward failed on %s: %r; group left out of the loss", ex.sample.uid, e)
             continue

@@ -73,8 +73,8 @@ class Monitor:
         if self.enabled:
             print(f"[{time.time() - self.start:7.1f}s] {text}", flush=True)
 
-    def close(self, blind: dict | None = None):
-        """Flush and close the logs and draw reward_curve.png (`blind`: as in plot_rewards)."""
+    def close(self, headline: dict | None = None, blind: dict | None = None):
+        """Flush and close the logs and draw reward_curve.png (`headline`, `blind`: as in plot_rewards)."""
         if not self.enabled:
             return
         self.metrics.close()
@@ -82,7 +82,7 @@ class Monitor:
         self.tb.close()
         if self.wandb:
             self.wandb.finish()
-        plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png", blind)
+        plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png", headline, blind)
 
 
 def _keep_until(path: Path, step: int):
@@ -105,16 +105,15 @@ def _eval_rows(metrics_path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if r.get("stage") == "eval"}
 
 
-def before_after(metrics_path: Path, start: int, end: int) -> list[tuple[str, float, float]]:
-    """(task metric, before, after) of each headline metric: the eval rows at GRPO's first step (`start`,
-    the policy it starts from) and at its last (`end`)."""
-    from vcr1.metrics import HEADLINE
-
+def before_after(metrics_path: Path, start: int, end: int, headline: dict) -> list[tuple[str, float, float]]:
+    """(task metric, before, after) of each headline metric ({task: (metric, ...)}, each task's
+    `Task.headline`): the eval rows at GRPO's first step (`start`, the policy it starts from) and at its last
+    (`end`)."""
     evals = _eval_rows(metrics_path)
     if start not in evals or end not in evals:
         return []
     out = []
-    for task, names in HEADLINE.items():
+    for task, names in headline.items():
         for name in names:
             key = f"eval/{task}/{name}"
             if key in evals[start] and key in evals[end]:
@@ -122,10 +121,10 @@ def before_after(metrics_path: Path, start: int, end: int) -> list[tuple[str, fl
     return out
 
 
-def before_after_table(metrics_path: Path, start: int, end: int, blind: dict | None = None) -> str:
-    """The held-out headline metrics before and after GRPO, as a text table; with `blind` ({"tg mIoU": x,
-    ...}: vcr1.metrics.blind_answers), a column of what an answer that ignores the video scores."""
-    rows = before_after(metrics_path, start, end)
+def before_after_table(metrics_path: Path, start: int, end: int, headline: dict, blind: dict | None = None) -> str:
+    """The held-out headline metrics before and after GRPO, as a text table; with `blind` ({"<task> <metric>":
+    x, ...}: vcr1.tasks.blind_answers), a column of what an answer that ignores the video scores."""
+    rows = before_after(metrics_path, start, end, headline)
     if not rows:
         return "no before/after evaluation to compare"
     blind = blind or {}
@@ -136,7 +135,7 @@ def before_after_table(metrics_path: Path, start: int, end: int, blind: dict | N
     return "\n".join(lines)
 
 
-ACCURACY_COMPONENTS = ("iou", "accuracy")  # the reward components that score the answer, not its format
+FORMAT_COMPONENTS = ("format", "total")  # the reward keys that do not score the answer itself
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -145,11 +144,11 @@ def _smooth(values: list[float], window: int) -> list[float]:
             for i in range(len(values))]
 
 
-def plot_rewards(metrics_path: Path, png: Path, blind: dict | None = None):
-    """Left: each task's accuracy reward per GRPO step (tg IoU, tracking IoU, gqa accuracy and glue IoU),
-    smoothed, over its raw values. Right: the held-out headline metrics before and after GRPO, when the
-    run evaluated both, with a marker at the blind answer's figure for the metrics `blind` has
-    ({"tg mIoU": x, ...}: vcr1.metrics.blind_answers)."""
+def plot_rewards(metrics_path: Path, png: Path, headline: dict | None = None, blind: dict | None = None):
+    """Left: each task's accuracy rewards per GRPO step (every component but the format), smoothed, over
+    their raw values. Right: the held-out `headline` metrics ({task: (metric, ...)}) before and after GRPO,
+    when the run evaluated both, with a marker at the blind answer's figure for the metrics `blind` has
+    ({"<task> <metric>": x, ...}: vcr1.tasks.blind_answers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,12 +158,12 @@ def plot_rewards(metrics_path: Path, png: Path, blind: dict | None = None):
     rows = [r for r in rows if r.get("stage") == "grpo" and r.get("reward") is not None]
     if not rows:
         return
-    compared = before_after(metrics_path, rows[0]["step"] - 1, rows[-1]["step"])
+    compared = before_after(metrics_path, rows[0]["step"] - 1, rows[-1]["step"], headline or {})
     fig, axes = plt.subplots(1, 2 if compared else 1, figsize=(12 if compared else 7, 4.5), squeeze=False)
     ax = axes[0, 0]
     window = max(1, len(rows) // 8)
     keys = sorted({k for r in rows for k in r
-                   if k.startswith("reward/") and k.rsplit("/", 1)[1] in ACCURACY_COMPONENTS})
+                   if k.startswith("reward/") and k.count("/") == 2 and k.rsplit("/", 1)[1] not in FORMAT_COMPONENTS})
     for i, key in enumerate(keys):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         steps, values = zip(*pts)

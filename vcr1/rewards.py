@@ -1,18 +1,15 @@
-"""VideoChat-R1 rewards (spec §4): format, temporal IoU, box IoU, answer accuracy and glue IoU.
+"""The building blocks of VideoChat-R1's rule-based rewards (docs/paper.md §4), shared by the tasks in
+vcr1/tasks: answer parsers, IoUs, checks of ground-truth values, and the tag layout of the format reward.
 
-Every component is a float in [0, 1]. A completion that cannot be parsed scores 0 for that component
-and never raises; a malformed *solution* or an unknown task raises ValueError (the trainer counts and
-skips the sample). What a well-formed solution is lives here only, in validate_solution, which the
-annotation loader also applies, so a sample that loaded never makes a reward raise. The parsers are
-public because evaluation (vcr1.metrics) reuses them.
+A completion that cannot be parsed gives None (a parser) or 0 (a reward) and never raises; a malformed
+*solution* raises ValueError naming what is wrong. The same checks run when annotations load (each task's
+`check`), so a sample that loaded never makes a reward raise.
 """
 import ast
 import math
 import re
+from functools import cache
 
-from vcr1.prompts import TASKS
-
-TRACKING_BOXES = 8            # boxes in a tracking answer and its ground truth
 OPTION_LETTERS = "ABCDEFG"    # the letters an answer can name; a prompt lists its options in this order
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -27,10 +24,7 @@ _ANSWER_PHRASES = ("The best answer is", "The correct answer is", "The answer is
                    "The best option is", "The correct option is", "Best answer:", "Best option:")
 
 _THINK = r"<think>.*?</think>\s*"
-_BODY = {"tg": r"<answer>.*?</answer>", "tracking": r"<answer>.*?</answer>",
-         "mcq": r"<answer>.*?</answer>", "gqa": r"<answer>.*?</answer>\s*<glue>.*?</glue>"}
-_FORMATS = {(task, think): re.compile((_THINK if think else "") + body, re.DOTALL)
-            for task, body in _BODY.items() for think in (True, False)}
+ANSWER_LAYOUT = r"<answer>.*?</answer>"
 
 
 def is_number(x) -> bool:
@@ -55,24 +49,8 @@ def parse_span(text: str):
     return float(start), float(end)
 
 
-def parse_boxes(completion: str):
-    """The 8 × [x0, y0, x1, y1] list in the FIRST <answer> block (newlines removed), else None."""
-    match = _ANSWER.search(completion)
-    if match is None:
-        return None
-    try:  # literal_eval can raise almost anything (SyntaxError, MemoryError, RecursionError, ...)
-        boxes = ast.literal_eval(match.group(1).replace("\n", ""))
-    except Exception:
-        return None
-    if not (isinstance(boxes, list) and len(boxes) == TRACKING_BOXES):
-        return None
-    if not all(isinstance(b, list) and len(b) == 4 and all(map(is_number, b)) for b in boxes):
-        return None
-    return boxes
-
-
 def parse_glue(completion: str):
-    """The [(s, e), ...] list in the FIRST <glue> block when valid (spec regex, s <= e), else None."""
+    """The [(s, e), ...] list in the FIRST <glue> block when valid (the released regex, s <= e), else None."""
     match = _GLUE.search(completion)
     if match is None or not _GLUE_LIST.match(match.group(1)):
         return None
@@ -104,12 +82,11 @@ def parse_letter(completion: str) -> str:
     return answer_letter(match.group(1)) if match else ""
 
 
-# ---------------------------------------------------------------- ground-truth validation
-# One home for what a usable solution is: the rewards and metrics check it on every call, and the
-# annotation loader (vcr1.data.annotations) checks it once per sample, so a sample that loaded never
-# makes a reward raise.
+# ---------------------------------------------------------------- ground-truth checks
+# What a usable solution value is: the tasks' rewards and metrics check it on every call, and their
+# `check` once per sample when annotations load.
 
-def _gt_span(span, what: str = "tg span"):
+def check_span(span, what: str = "span"):
     if not (isinstance(span, (list, tuple)) and len(span) == 2):
         raise ValueError(f"bad {what} {span!r}: want [start, end]")
     if not all(map(is_number, span)):
@@ -119,35 +96,25 @@ def _gt_span(span, what: str = "tg span"):
     return span
 
 
-def _gt_boxes(boxes):
-    if not (isinstance(boxes, (list, tuple)) and len(boxes) == TRACKING_BOXES):
-        count = f"{len(boxes)} boxes" if isinstance(boxes, (list, tuple)) else repr(boxes)
-        raise ValueError(f"bad tracking boxes: want {TRACKING_BOXES} boxes, got {count}")
-    for k, box in enumerate(boxes):
-        if not is_box(box):
-            raise ValueError(f"bad tracking box {k} {box!r}: want [x0, y0, x1, y1] of finite numbers")
-    return boxes
-
-
-def _gt_letter(answer):
+def check_letter(answer):
     letter = answer_letter(answer) if isinstance(answer, str) else ""
     if not letter:  # an empty ground truth would reward an empty <answer></answer>
         raise ValueError(f"bad answer {answer!r}: want an option such as '(C)'")
     return letter
 
 
-def _gt_glue(glue):
+def check_glue(glue):
     # An empty ground truth would pay a full IoU to an empty <glue>[]</glue>.
     if not (isinstance(glue, (list, tuple)) and glue):
         raise ValueError(f"bad glue {glue!r}: want a non-empty list [[start, end], ...]")
     for span in glue:
-        _gt_span(span, "glue span")
+        check_span(span, "glue span")
     return glue
 
 
-def _gt_option(answer, options) -> None:
+def check_option(answer, options) -> None:
     """An answer letter past the last option could never be matched: the sample can teach nothing."""
-    letter = _gt_letter(answer)
+    letter = check_letter(answer)
     if OPTION_LETTERS.index(letter) >= len(options):
         raise ValueError(f"bad answer {answer!r}: option {letter} is out of range for {len(options)} options")
 
@@ -190,84 +157,24 @@ def intervals_iou(pred, gt) -> float:
     return 1.0 if union == 0 else inter / union
 
 
-# ---------------------------------------------------------------- reward components
+# ---------------------------------------------------------------- format and total
 
-def format_reward(task: str, completion: str, think: bool = True) -> float:
-    """1.0 when the stripped completion fully matches the task's tag layout (and, for tracking and
-    gqa, its first answer/glue block parses), else 0.0. No-think drops the <think> part."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if not _FORMATS[task, bool(think)].fullmatch(completion.strip()):
-        return 0.0
-    if task == "tracking":
-        return float(parse_boxes(completion) is not None)
-    if task == "gqa":
-        return float(parse_glue(completion) is not None)
-    return 1.0
+@cache
+def _layout(body: str, think: bool) -> re.Pattern:
+    return re.compile((_THINK if think else "") + body, re.DOTALL)
 
 
-def tg_iou(completion: str, span) -> float:
-    """Temporal IoU of the last "X to Y" in the LAST <answer> block against span = [start, end]."""
-    span = _gt_span(span)
-    blocks = _ANSWER.findall(completion)
-    pred = parse_span(blocks[-1]) if blocks else None
-    return temporal_iou(pred, span) if pred is not None else 0.0
+def matches_layout(completion: str, body: str, think: bool) -> bool:
+    """Whether the stripped completion is exactly `<think>...</think>` (when think) then `body`, a regex of the
+    answer's tags (ANSWER_LAYOUT, or that with a <glue> block after it): the format reward's rule."""
+    return _layout(body, bool(think)).fullmatch(completion.strip()) is not None
 
 
-def tracking_iou(completion: str, boxes) -> float:
-    """Mean box IoU over the 8 frames of the FIRST <answer> block."""
-    boxes = _gt_boxes(boxes)
-    pred = parse_boxes(completion)
-    return sum(map(box_iou, pred, boxes)) / TRACKING_BOXES if pred is not None else 0.0
-
-
-def gqa_accuracy(completion: str, answer) -> float:
-    """1.0 when the option letter of the FIRST <answer> block equals the ground truth's ("(C)" -> C)."""
-    return float(parse_letter(completion) == _gt_letter(answer))
-
-
-def glue_iou(completion: str, glue) -> float:
-    """IoU of the FIRST valid <glue> interval list against the ground-truth intervals."""
-    glue = _gt_glue(glue)
-    pred = parse_glue(completion)
-    return intervals_iou(pred, glue) if pred is not None else 0.0
-
-
-def _get(solution, key):
+def solution_value(solution, key):
+    """solution[key], or a ValueError naming what is missing."""
     if not isinstance(solution, dict) or key not in solution:
         raise ValueError(f"solution {solution!r} lacks {key!r}")
     return solution[key]
-
-
-_SOLUTION_CHECKS = {"tg": {"span": _gt_span}, "tracking": {"boxes": _gt_boxes},
-                    "gqa": {"answer": _gt_letter, "glue": _gt_glue}, "mcq": {"answer": _gt_letter}}
-
-
-def validate_solution(task: str, solution, options=None) -> None:
-    """Raise ValueError naming what is wrong unless solution is well formed for task (see score).
-
-    options: the sample's option list (gqa/mcq); given, the answer's letter must be in its range.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    for key, check in _SOLUTION_CHECKS[task].items():
-        check(_get(solution, key))
-    if options is not None and "answer" in _SOLUTION_CHECKS[task]:
-        _gt_option(solution["answer"], options)
-
-
-def score(task: str, completion: str, solution: dict, think: bool = True) -> dict:
-    """Reward components of one completion: tg/tracking {format, iou}; gqa {format, accuracy, iou};
-    mcq {format, accuracy}."""
-    fmt = format_reward(task, completion, think)  # raises ValueError for an unknown task
-    if task == "tg":
-        return {"format": fmt, "iou": tg_iou(completion, _get(solution, "span"))}
-    if task == "tracking":
-        return {"format": fmt, "iou": tracking_iou(completion, _get(solution, "boxes"))}
-    accuracy = gqa_accuracy(completion, _get(solution, "answer"))
-    if task == "mcq":
-        return {"format": fmt, "accuracy": accuracy}
-    return {"format": fmt, "accuracy": accuracy, "iou": glue_iou(completion, _get(solution, "glue"))}
 
 
 def total_reward(components: dict, weights: dict | None = None) -> float:

@@ -50,24 +50,22 @@ TOKENIZER_VOCAB = 1024
 
 
 def _corpus(seed: int = 0) -> list[str]:
-    """Prompts of every task and answers in every format, with varied numbers and words."""
+    """Prompts and answers of the synthetic default's tasks (their `corpus`), with varied numbers and words."""
     from vcr1.data.synthetic import COLORS, SHAPES
-    from vcr1.prompts import build_prompt
+    from vcr1.tasks import SYNTHETIC, get_task
 
+    tasks = [get_task(name) for name in SYNTHETIC]
     rng = random.Random(seed)
     lines = []
     for _ in range(300):
         obj = f"{rng.choice(COLORS)} {rng.choice(SHAPES)}"
-        s, e = sorted(round(rng.uniform(0, 60), 2) for _ in range(2))
+        span = tuple(sorted(round(rng.uniform(0, 60), 2) for _ in range(2)))
         box = [round(rng.random(), 2) for _ in range(4)]
         options = [f"({c}) {rng.choice(COLORS)} {rng.choice(SHAPES)}" for c in "ABCD"]
+        draw = {"object": obj, "span": span, "box": box, "options": options, "letter": rng.choice("ABCD")}
         for think in (True, False):
-            lines.append(build_prompt("tg", {"event": f"The {obj} appears."}, think))
-            lines.append(build_prompt("tracking", {"object": obj, "start": box}, think))
-            lines.append(build_prompt("gqa", {"question": f"What is the {obj} doing?", "options": options}, think))
-        lines.append(f"<think>The {obj} is seen from {s:.2f} to {e:.2f}.</think> <answer>{s:.2f} to {e:.2f}</answer>")
-        lines.append(f"<answer>{[box] * 8}</answer>")
-        lines.append(f"<answer>{rng.choice('ABCD')}</answer><glue>[({s}, {e})]</glue>")
+            lines += [task.corpus(draw, think) for task in tasks]
+        lines += [task.corpus(draw, None) for task in tasks]
     return lines
 
 

@@ -43,10 +43,10 @@ from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
-from vcr1.metrics import blind_answers
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
 from vcr1.packing import completion_hidden
+from vcr1.tasks import blind_answers, get_task
 from vcr1_kernels import token_logprobs
 
 log = logging.getLogger("vcr1")
@@ -281,9 +281,11 @@ class Trainer:
         compared = self.step == total and cfg.eval_before_after and "grpo" in cfg.stage
         # What an answer that ignores the video scores on the same held-out examples, beside the metrics.
         blind = blind_answers(self.train_samples, self.eval_samples) if compared else None
-        self.monitor.close(blind)
+        headline = {name: get_task(name).headline for name in dict.fromkeys(x.task for x in self.eval_samples)}
+        self.monitor.close(headline, blind)
         if compared:
-            self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total, blind))
+            self.monitor.progress(before_after_table(self.out / "metrics.jsonl", self.sft_steps, total, headline,
+                                                     blind))
         if self.step == total:
             self.monitor.progress(f"done: metrics in {self.out / 'metrics.jsonl'}, "
                                   f"plot in {self.out / 'reward_curve.png'}")

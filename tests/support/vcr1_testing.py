@@ -16,6 +16,15 @@ SHARED = Path(os.environ.get("VCR1_SHARED", REPO.parent / "shared"))
 # Where benchmarks write their JSON reports; CMake's benchmark smoke points it into the build folder.
 BENCH_RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
+
+
+def synthetic_tasks():
+    """The Task objects the synthetic default generates, in its order (vcr1.data.synthetic.generate's `tasks`)."""
+    from vcr1.tasks import SYNTHETIC, get_task
+
+    return [get_task(name) for name in SYNTHETIC]
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

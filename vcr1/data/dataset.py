@@ -9,11 +9,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from vcr1.data.annotations import Sample, load_annotations
+from vcr1.data.annotations import load_annotations
 from vcr1.data.processor import prompt_inputs
+from vcr1.data.sample import Sample
 from vcr1.data.video import VideoError, load_video, video_inputs
 from vcr1.model import end_of_turn_id
-from vcr1.prompts import DECIMALS, build_messages
+from vcr1.prompts import build_messages
+from vcr1.tasks import SYNTHETIC, get_task
 
 log = logging.getLogger("vcr1.data")
 
@@ -40,36 +42,17 @@ def synthetic_datasets(root: Path, data_cfg, seed: int) -> dict[str, list[dict]]
     """Generate (or reuse) the synthetic set and describe its splits as dataset configs."""
     from vcr1.data.synthetic import generate
 
-    splits = generate(root, seed=seed, n_train=data_cfg.synthetic_train, n_test=data_cfg.synthetic_test)
+    splits = generate(root, tasks=[get_task(name) for name in SYNTHETIC], seed=seed,
+                      n_train=data_cfg.synthetic_train, n_test=data_cfg.synthetic_test)
     return {split: [{"task": task, "annotations": str(p["annotations"]), "media_root": str(p["media_root"])}
                     for task, p in tasks.items()] for split, tasks in splits.items()}
-
-
-def reference_answer(sample: Sample, think: bool) -> str:
-    """The ground truth written as a perfect completion (the supervised warm-up's target)."""
-    sol = sample.solution
-    if sample.task == "tg":
-        s, e = sol["span"]
-        s, e = f"{s:.{DECIMALS}f}", f"{e:.{DECIMALS}f}"
-        body, thought = f"{s} to {e}", f"The event happens from {s} to {e}."
-        answer = f"<answer>{body}</answer>"
-    elif sample.task == "tracking":
-        boxes = [[round(float(v), DECIMALS) for v in box] for box in sol["boxes"]]
-        answer, thought = f"<answer>{boxes}</answer>", f"The {sample.fields['object']} moves across the video."
-    elif sample.task in ("gqa", "mcq"):
-        letter = sol["answer"].strip("() ")
-        answer, thought = f"<answer>{letter}</answer>", f"The answer is {letter}."
-        if sample.task == "gqa":
-            answer += "<glue>[" + ", ".join(f"({s}, {e})" for s, e in sol["glue"]) + "]</glue>"
-    else:
-        raise ValueError(f"unknown task {sample.task!r}")
-    return (f"<think>{thought}</think>" if think else "") + answer
 
 
 def reference_tokens(sample: Sample, tokenizer, think: bool) -> list[int]:
     """The reference answer as the warm-up's target tokens: its text, then the end of the assistant turn, as
     the chat template would write the turn (so the policy learns to stop where rollouts stop)."""
-    answer = tokenizer(reference_answer(sample, think), add_special_tokens=False)["input_ids"]
+    text = get_task(sample.task).reference_answer(sample.fields, sample.solution, think)
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
     return answer + [end_of_turn_id(tokenizer)]
 
 
@@ -90,7 +73,7 @@ def encode_sample(sample: Sample, tokenizer, model_config, data_cfg, device, vid
         video = video_inputs([clip])
         if videos is not None:
             videos[key] = video
-    messages = build_messages(sample.task, sample.fields, data_cfg.think)
+    messages = build_messages(get_task(sample.task).prompt(sample.fields, data_cfg.think))
     return prompt_inputs(tokenizer, model_config, messages, video)
 
 

@@ -1,10 +1,10 @@
 """Synthetic dataset of the embedded default: real encoded videos of coloured shapes, exact ground truth.
 
-Each task's media and annotations are written in the real data's formats (spec §6), so the trainer reads
-them through the same loaders and decoder as real data:
-- tg: H.264 mp4s in which a shape appears at s and disappears at e (Charades-STA json);
-- tracking: GOT-10k-style folders of numbered JPEG frames with one moving target (8-frame json);
-- gqa: H.264 mp4s with a 5-option question about the colour of the shape that appears (NExT-GQA json).
+Three kinds of example, each written in a real dataset's format (docs/paper.md §6), so the trainer reads
+them through the same loaders and decoder as real data; a task's `synthetic_item` (vcr1/tasks) picks one:
+- `appearing_shape`: an H.264 mp4 in which a shape appears at s and disappears at e (a Charades-STA entry);
+- `drifting_sequence`: a GOT-10k-style folder of numbered JPEG frames with one moving target (8-frame entry);
+- `colour_question`: an H.264 mp4 and a 5-option question on the colour of the shape that appears (NExT-GQA).
 Difficulty is set for a 1.4M-parameter model to learn in minutes on a CPU: tracked objects drift slowly
 (the start box is a fair first guess, every frame's box still differs), a question's options are listed
 in a fixed order (the order of COLORS), so the right letter follows from the colour the video shows and
@@ -37,7 +37,6 @@ RGB = {
     "yellow": (240, 220, 40), "white": (245, 245, 245), "purple": (170, 60, 220),
 }
 SPLITS = ("train", "test")
-SYNTHETIC_TASKS = ("tg", "tracking", "gqa")  # mcq reuses gqa's NExT-GQA-format files
 VERSION = 6  # bump when the generated content changes, so that cached datasets are regenerated
 APPEARANCE_SECONDS = 8  # length of every tg and gqa video
 # The target's time on screen, in seconds, anywhere in the video, so that no one span fits most answers:
@@ -102,7 +101,7 @@ def appearance_span(rng: np.random.Generator, tenths: int) -> tuple[int, int]:
     return start, start + length
 
 
-def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
+def appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
     """n frames of a static background on which one large shape is visible in [s, e).
 
     s and e are multiples of 0.1 s, and the shape is drawn in frame k iff s <= k / fps < e (checked in
@@ -126,7 +125,7 @@ def _appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
     return np.clip(frames, 0, 255).astype(np.uint8), target, (s10 / 10, e10 / 10)
 
 
-def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
+def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> None:
     """H.264 mp4 of uint8 (n, h, w, 3) frames. In-process (torchcodec's encoder), because starting one ffmpeg
     per video took most of a default run's 38 s of dataset generation. The same bytes on every run and
     machine: one encoder thread (x264's default count follows the cores) and a constant quantiser, because
@@ -140,22 +139,22 @@ def _encode(frames: np.ndarray, fps: int, path: Path) -> None:
                     extra_options={"threads": 1, "qp": 12})
 
 
-def _tg(rng, i, split, media, size, fps):
+def appearing_shape(rng, i, split, media, size, fps):
+    """A video in which one shape appears for 1-3 s, and its Charades-STA entry (video id, entry)."""
     n = APPEARANCE_SECONDS * fps
-    # The shape alone, as in gqa: with a second, static shape beside it, the warm start's spans were no better
-    # than an answer that ignores the video (33 against 34 mIoU) and GRPO did not improve them on every seed.
-    frames, (color, shape), span = _appearance_video(rng, size, fps, n)
+    frames, (color, shape), span = appearance_video(rng, size, fps, n)
     vid = f"{split}{i:04d}"
-    _encode(frames, fps, media / f"{vid}.mp4")
+    encode_mp4(frames, fps, media / f"{vid}.mp4")
     template = ("the {} appears.", "a {} shows up.", "a {} appears on the screen.")[rng.integers(3)]
     sentence = template.format(f"{color} {shape}")
     return vid, {"duration": round(n / fps, 3), "timestamps": [list(span)], "sentences": [sentence]}
 
 
-def _gqa(rng, i, split, media, size, fps):
+def colour_question(rng, i, split, media, size, fps):
+    """A video in which one shape appears for a while, and its NExT-GQA entry: which colour is it?"""
     duration = APPEARANCE_SECONDS  # whole seconds, like NExT-GQA's
     # The target alone: the question asks what the only shape of the video looks like.
-    frames, (color, _), span = _appearance_video(rng, size, fps, duration * fps)
+    frames, (color, _), span = appearance_video(rng, size, fps, duration * fps)
     # Colour, not shape: a model this size learns to see a colour in a few hundred steps, a shape in thousands.
     question = "what colour is the shape that appears for a while"
     wrong = set(rng.choice([c for c in COLORS if c != color], 4, replace=False))
@@ -164,7 +163,7 @@ def _gqa(rng, i, split, media, size, fps):
 
     vid = f"{split}{i:04d}"
     video = f"{i // 16:04d}/{vid}.mp4"  # NExT-GQA nests videos in numbered folders
-    _encode(frames, fps, media / video)
+    encode_mp4(frames, fps, media / video)
     return {
         "id": f"{vid}_0", "video": video, "question": question,
         "options": [f"({'ABCDE'[j]}) {o}" for j, o in enumerate(options)],
@@ -178,7 +177,8 @@ def _reflect(u: np.ndarray) -> np.ndarray:
     return np.where(u > 1, 2 - u, u)
 
 
-def _track(rng, i, split, media, size):
+def drifting_sequence(rng, i, split, media, size):
+    """A GOT-10k-style folder of 20-60 JPEG frames, a target and a distractor drifting, and its 8-frame entry."""
     n = int(rng.integers(20, 61))
     name = f"GOT-10k_{split.capitalize()}_{i + 1:06d}"
     seq = media / name
@@ -215,29 +215,28 @@ def _track(rng, i, split, media, size):
 
 def _item(task, split, media, size, fps, stream, i):
     rng = np.random.default_rng([*stream, i])  # each item independent of the others
-    if task == "tg":
-        return _tg(rng, i, split, media, size, fps)
-    if task == "gqa":
-        return _gqa(rng, i, split, media, size, fps)
-    return _track(rng, i, split, media, size)
+    return task.synthetic_item(rng, i, split, media, size, fps)
 
 
-def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, size: int = 112,
+def generate(out_dir, *, tasks, seed: int = 0, n_train: int = 32, n_test: int = 12, size: int = 112,
              video_fps: int = 4, force: bool = False) -> dict:
     """Writes (or finds already written) the dataset under out_dir.
 
-    Returns {split: {task: {"annotations": path, "media_root": path}}} for splits train/test and tasks
-    tg/tracking/gqa. A manifest of the parameters makes a second call with the same ones return at once.
+    tasks: Task objects with `synthetic_item` and `synthetic_annotations` (vcr1.tasks.SYNTHETIC's); the k-th
+    task's examples are drawn from the seed and k, so a task keeps its examples only at the same position.
+    Returns {split: {task name: {"annotations": path, "media_root": path}}} for splits train/test. A manifest
+    of the parameters makes a second call with the same ones return at once.
     """
+    names = [task.name for task in tasks]
     if size % 2 or size < 3 * 28:
         raise ValueError(f"size must be even (yuv420p) and >= 84 (shapes >= 20 px), got {size}")
     if int(video_fps) != video_fps or video_fps < 1:
         raise ValueError(f"video_fps must be a positive integer, got {video_fps}")
     out = Path(out_dir)
-    params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "size": size,
+    params = {"version": VERSION, "tasks": names, "seed": seed, "n_train": n_train, "n_test": n_test, "size": size,
               "video_fps": int(video_fps)}
     paths = {split: {task: {"annotations": str(out / split / f"{task}.json"),
-                            "media_root": str(out / split / task)} for task in SYNTHETIC_TASKS} for split in SPLITS}
+                            "media_root": str(out / split / task)} for task in names} for split in SPLITS}
     manifest = out / "manifest.json"
 
     out.mkdir(parents=True, exist_ok=True)
@@ -250,8 +249,8 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
 
         for s, split in enumerate(SPLITS):
             count = n_train if split == "train" else n_test
-            for t, task in enumerate(SYNTHETIC_TASKS):
-                media = Path(paths[split][task]["media_root"])
+            for t, task in enumerate(tasks):
+                media = Path(paths[split][task.name]["media_root"])
                 shutil.rmtree(media, ignore_errors=True)  # stale frames would change a sequence's length
                 media.mkdir(parents=True)
 
@@ -259,7 +258,7 @@ def generate(out_dir, *, seed: int = 0, n_train: int = 32, n_test: int = 12, siz
                 # Items are independent, so threads (the encoder runs outside the GIL) give the same files faster.
                 with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
                     entries = list(pool.map(make, range(count)))
-                data = dict(entries) if task == "tg" else entries
-                Path(paths[split][task]["annotations"]).write_text(json.dumps(data, indent=1) + "\n")
+                data = task.synthetic_annotations(entries)
+                Path(paths[split][task.name]["annotations"]).write_text(json.dumps(data, indent=1) + "\n")
         manifest.write_text(json.dumps(params, indent=1) + "\n")
     return paths
