@@ -1,4 +1,4 @@
-"""Every GPU path in one run: `bash bench/gpu_validate.sh` (README, "Validating on a GPU").
+"""Every GPU path in one run: `bash bench/gpu_validate.sh` (docs/gpu_validation.md).
 
 The phases run in order, each in its own Python process (its own process group) under its own time limit,
 within one overall budget (8 minutes on one H100/H200). Each phase writes its JSON as it goes; the driver
@@ -8,7 +8,7 @@ machine hands back at most 8 files. `--smoke` runs the same phases at tiny shape
 its interpreter), as the test suite does in CI, so the harness cannot rot.
 
 Every phase records the same keys (SCHEMA): device, versions, dtype, shapes, median_s, peak_memory_bytes,
-ratios (each with the README benchmark table's target, when it has one), peers (a missing peer is null
+ratios (each with its target in docs/gpu_validation.md, when it has one), peers (a missing peer is null
 with its reason), checks (pass/fail facts) and results (the detail). Measurement code comes from the
 benchmarks (bench/test_bench_*.py) and tests/support wherever they have it.
 """
@@ -77,7 +77,7 @@ def write_json(path: Path, data) -> None:
 def run_phase(name: str, limit: float, work: Path, smoke: bool, log) -> dict:
     """Runs one phase in a new process group (so its children die with it at the limit) and returns its JSON,
     marked timeout/error when the process did not finish cleanly."""
-    from vcr1.engine import standalone_env
+    from vcr1.distributed import standalone_env
 
     # A phase is a process of its own: a caller's process-group variables (a test runner that built a
     # trainer in-process holds MASTER_PORT open) would make the phase's trainer join or collide with it.
@@ -192,7 +192,7 @@ class Report:
         self.data[key] = value
 
     def ratio(self, name: str, value, target: str | None = None):
-        """A ratio and the README's target for it (">= 3", "<= 1.5"), with whether it is met."""
+        """A ratio and its docs/gpu_validation.md target (">= 3", "<= 1.5"), with whether it is met."""
         met = None
         if target is not None and isinstance(value, (int, float)):
             op, bound = target.split()
@@ -465,7 +465,7 @@ def phase_head_speed(r: Report, smoke: bool, work: Path, limit: float):
         matmul_tflops = rows["matmul"]["flops"] / rows["matmul"]["median_s"] / 1e12
         r.ratio(f"fraction_of_gemm_ceiling_{n}", rows[ours]["tflops"] / ceiling if ceiling else None, ">= 0.6")
         r.ratio(f"fraction_of_head_matmul_{n}", rows[ours]["tflops"] / matmul_tflops, ">= 0.6")
-        # README targets: >= 3x Liger at <= its memory; >= 1.5x eager with >= 10x less extra memory.
+        # docs/gpu_validation.md's targets: >= 3x Liger at <= its memory; >= 1.5x eager with >= 10x less extra memory.
         for peer, speed_target, memory_target in (("liger_grpo", ">= 3", ">= 1"), ("eager", ">= 1.5", ">= 10"),
                                                   ("torch", None, None), ("cublas", None, None),
                                                   ("compiled", None, None), ("liger_flce", None, None)):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validates every GPU path in one command (README, "Validating on a GPU"); bench/gpu_validate.py holds the phases.
+# Validates every GPU path in one command (docs/gpu_validation.md); bench/gpu_validate.py holds the phases.
 #   bash bench/gpu_validate.sh                 on the GPU machine, from a checkout, no network needed
 #   bash bench/gpu_validate.sh --smoke [--out DIR]   the same phases at tiny shapes on the CPU (the test suite's CI check)
 # Results: --out DIR, else $OUT when set, else bench/results/ (--smoke: a temporary folder).

@@ -30,7 +30,7 @@ RESULTS = Path(os.environ.get("VCR1_BENCH_RESULTS", REPO / "bench" / "results"))
 
 def _train(out: Path, seed: int, threads: int, last_step: int, *extra: str) -> list[dict]:
     """The run's metrics rows; a run that already evaluated at its last step (an earlier call) is not redone."""
-    from vcr1.engine import standalone_env
+    from vcr1.distributed import standalone_env
 
     metrics = out / "metrics.jsonl"
 

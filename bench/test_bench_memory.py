@@ -33,7 +33,7 @@ PATHS = ("packed", "packed_sdpa", "padded", "ideal")
 # Qwen2.5-VL-7B-Instruct's shapes.
 TEXT_7B = dict(hidden=3584, intermediate=18944, layers=28, heads=28, kv_heads=4, vocab=152064)
 VISION_7B = dict(hidden=1280, intermediate=3420, depth=32, heads=16)
-# The paper's run (spec §1, §2): G = 8, 1024-token answers, 8 x 80 GB; a 1280x720 source video.
+# The paper's run (docs/paper.md §1, §2): G = 8, 1024-token answers, 8 x 80 GB; a 1280x720 source video.
 SOURCE = (720, 1280)
 TEXT_TOKENS = 128  # system prompt, question and the vision start/end tokens around the video
 GPU_BYTES, GPUS = 80e9, 8
@@ -174,7 +174,7 @@ def test_activation_count_matches_measurement(checkpointing):
 
 
 def video_tokens(frames: int) -> int:
-    """LLM tokens of a SOURCE video sampled at `frames` frames under VideoChat-R1's budget (spec §2)."""
+    """LLM tokens of a SOURCE video sampled at `frames` frames under VideoChat-R1's budget (docs/paper.md §2)."""
     budget = dict(min_pixels=16 * 28 * 28, total_pixels=3584 * 28 * 28, max_pixels=768 * 28 * 28)
     h, w = smart_resize(*SOURCE, min_pixels=budget["min_pixels"], max_pixels=frame_pixel_budget(frames, **budget))
     return frames // 2 * (h // 28) * (w // 28)

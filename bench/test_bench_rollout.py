@@ -59,17 +59,17 @@ def _mrope_section(head_dim: int) -> list[int]:
 def build_prompts(s: dict, config) -> list[dict]:
     """Random text around one video block per prompt; prompt i gets i extra text tokens (ragged lengths)."""
     t, h, w = s["grid"]
-    g = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     prompts = []
     for i in range(s["prompts"]):
-        text = torch.randint(0, s["vocab"] - 8, (s["text_tokens"] + i,), generator=g)
+        text = torch.randint(0, s["vocab"] - 8, (s["text_tokens"] + i,), generator=gen)
         video = [config.video_token_id] * (t * h * w // 4)
         ids = torch.cat([text[:8], torch.tensor([config.vision_start_token_id, *video, config.vision_end_token_id]),
                          text[8:]])[None]
         grid, sec = torch.tensor([[t, h, w]]), torch.tensor([1.0])
         prompts.append({
             "input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values_videos": torch.randn(t * h * w, 1176, generator=g), "video_grid_thw": grid,
+            "pixel_values_videos": torch.randn(t * h * w, 1176, generator=gen), "video_grid_thw": grid,
             "second_per_grid_ts": sec, "mm_token_type_ids": (ids == config.video_token_id).int() * 2,
             "position_ids": mrope_positions(ids[0], grid, sec, config)[:, None],
         })
@@ -132,13 +132,13 @@ def run(s: dict, device: torch.device, dtype, benchmark, repeats: int) -> dict:
 
     out = benchmark.pedantic(fast, rounds=repeats, iterations=1, warmup_rounds=1)
     fast_s = statistics.median(seconds[-repeats:])  # the warm-up round is not counted
-    fast_tokens = sum(c.length for g in out for c in g)
+    fast_tokens = sum(c.length for group in out for c in group)
     _sync(device)
     start = time.perf_counter()
     ref = hf_generate(model, prompts, **kw)  # once: the fast engine's rounds have warmed the device up
     _sync(device)
     ref_s = time.perf_counter() - start
-    ref_tokens = sum(c.length for g in ref for c in g)
+    ref_tokens = sum(c.length for group in ref for c in group)
 
     with torch.no_grad():
         batch = PrefilledBatch(model, prompts, s["samples"], s["max_new_tokens"], cuda_graphs=device.type == "cuda")

@@ -1,12 +1,12 @@
 """Video decode + sample + preprocess throughput (`pytest bench/ --benchmark-only`).
 
-One case = load_video (decode the spec §2 samples, resize on the device) + video_inputs (normalise,
+One case = load_video (decode the docs/paper.md §2 samples, resize on the device) + video_inputs (normalise,
 patchify), for a 30 fps H.264 clip made with FFmpeg (testsrc2, x264 veryfast, default GOP), at
 360p / 720p / 1080p and 30 s / 120 s, on the CPU and with NVDEC. "naive" is the usual alternative:
 decode every frame, then keep the sampled ones. Clips are cached in $TMPDIR/vcr1_bench_clips.
 
 By default a small set runs: on a machine without CUDA the 30 s 360p clip on the CPU (under a minute),
-the CUDA cases skipped; with CUDA the 30 s 360p and 1080p clips on both (1080p is the README's target
+the CUDA cases skipped; with CUDA the 30 s 360p and 1080p clips on both (1080p is docs/gpu_validation.md's target
 row). VCR1_BENCH_FULL=1 runs every clip. Without torchcodec (GPU images may lack it) the module skips.
 Results go to bench/results/video_<device>.json.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches, on a machine with PyPI, the wheels the GPU machine's image lacks into wheels/ (ignored by git),
-# for bench/gpu_validate.sh to install there without a network (README, "Validating on a GPU"):
+# for bench/gpu_validate.sh to install there without a network (docs/gpu_validation.md, "What to carry"):
 #   bash scripts/fetch_gpu_wheels.sh [DEST]        DEST defaults to wheels/
 # The image (torch 2.11 + CUDA 13.0, Triton 3.6, transformers 5.17, Python 3.12) has everything else.
 # Never torch, triton or nvidia-* wheels: the machine's CUDA torch stays. Stops when the folder passes

@@ -235,7 +235,7 @@ def test_batching_by_task_scores_each_answer_against_its_own_sample(synthetic):
 def test_evaluate_skips_and_counts_bad_items(synthetic, monkeypatch, caplog):
     """A held-out item that cannot be encoded or scored is logged with its uid and counted, never fatal,
     and the process still makes its one gather (so ranks never mismatch)."""
-    from vcr1 import engine
+    from vcr1 import distributed
     from vcr1.config import parse_config
     from vcr1.eval import evaluate
     from vcr1.model import load_model, load_tokenizer
@@ -248,7 +248,7 @@ def test_evaluate_skips_and_counts_bad_items(synthetic, monkeypatch, caplog):
     reversed_span = dataclasses.replace(good[0], uid="reversed", solution={"span": [2.0, 1.0]})
     no_event = dataclasses.replace(good[1], uid="no-event", fields={})
     gathered = []
-    monkeypatch.setattr(engine, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj: gathered.append(obj) or [obj])
     tokenizer = load_tokenizer(None)
     model = load_model(None, tokenizer, dtype="fp32")
 

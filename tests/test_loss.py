@@ -1,4 +1,4 @@
-"""Advantages and every GRPO loss type against values computed by hand (spec §1, TRL definitions)."""
+"""Advantages and every GRPO loss type against values computed by hand (docs/paper.md §1, TRL definitions)."""
 import math
 
 import pytest

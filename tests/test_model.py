@@ -26,7 +26,7 @@ def test_text_and_video_positions_by_hand():
 
 
 def test_transformers_5_continues_elsewhere_after_a_video():
-    """The README's mRoPE decision: transformers 5.x `get_rope_index` does not follow the release rule.
+    """docs/design.md's mRoPE decision: transformers 5.x `get_rope_index` does not follow the release rule.
     Same case as above, worked by hand for its rule: the text after the video restarts at the block's
     start (2) + max(H, W) (2) = 4, where the release rule (vcr1's) gives 5."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel

@@ -137,7 +137,7 @@ def test_packed_matches_padded(batch, backend):
     model = tiny_model().to(DEVICE, dtype)
     logp_tol, grad_tol = TOLERANCE[dtype]
     prompts, completions, advantages = batch
-    logp, grads, cu = logprobs_and_grads(model, prompts, completions, advantages, backend=backend)
+    logp, grads, cu = logprobs_and_grads(model, prompts, completions, advantages, attn_backend=backend)
     ref_logp, ref_grads, ref_cu = logprobs_and_grads(model, prompts, completions, advantages, shared_prefix=False)
     with torch.no_grad():
         hf = hf_padded_logprobs(model, prompts, completions)
@@ -147,12 +147,12 @@ def test_packed_matches_padded(batch, backend):
     assert_grads_close(grads, ref_grads, grad_tol)
 
 
-def packed_segments(prompt_lengths, answer_lengths, backend="prefix", device="cpu") -> packing.PackedSegments:
+def packed_segments(prompt_lengths, answer_lengths, attn_backend="prefix", device="cpu") -> packing.PackedSegments:
     """The packed row's segments for prompts and answers of these lengths (token values do not matter)."""
     prompts = [{"ids": torch.zeros(n, dtype=torch.long, device=device),
                 "positions": torch.zeros(3, n, dtype=torch.long, device=device)} for n in prompt_lengths]
     answers = [[torch.zeros(n, dtype=torch.long, device=device) for n in group] for group in answer_lengths]
-    return packing._pack(prompts, answers, backend)[2]
+    return packing._pack(prompts, answers, attn_backend)[2]
 
 
 @pytest.mark.parametrize("block", [packing.BLOCK, 4])
@@ -271,7 +271,7 @@ def test_flex_branch_matches_padded_on_cpu(batch, monkeypatch):
     model = tiny_model()
     with torch.no_grad():
         logp = []
-        for kwargs in ({"backend": "flex"}, {"shared_prefix": False}):
+        for kwargs in ({"attn_backend": "flex"}, {"shared_prefix": False}):
             hidden, targets, _ = packing.completion_hidden(model, prompts, completions, **kwargs)
             logp.append(token_logprobs(hidden, model.lm_head.weight, targets))
     torch.testing.assert_close(*logp, atol=1e-5, rtol=0)
@@ -478,6 +478,6 @@ def test_unknown_backend_and_empty_completion_rejected(batch):
     prompts, completions, _ = batch
     model = tiny_model()
     with pytest.raises(ValueError, match="unknown backend"):
-        packing.completion_hidden(model, prompts, completions, backend="xformers")
+        packing.completion_hidden(model, prompts, completions, attn_backend="xformers")
     with pytest.raises(ValueError, match="at least one token"):
         packing.completion_hidden(model, prompts[:1], [[torch.tensor([], dtype=torch.long)]])

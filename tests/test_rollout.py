@@ -39,14 +39,14 @@ def make_model(device="cpu", dtype=torch.float32):
 
 def make_prompt(n_text: int, t: int, h: int, w: int, seconds: float, config, seed: int) -> dict:
     """Random text around one <|video_pad|> block of t·h·w/4 tokens, random patches, vcr1's positions."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, 290, (n_text,), generator=g)
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 290, (n_text,), generator=gen)
     video = torch.full((t * h * w // 4,), VIDEO)
     ids = torch.cat([text[:3], torch.tensor([V_START]), video, torch.tensor([V_END]), text[3:]])[None]
     grid, sec = torch.tensor([[t, h, w]]), torch.tensor([seconds])
     return {
         "input_ids": ids, "attention_mask": torch.ones_like(ids),
-        "pixel_values_videos": torch.randn(t * h * w, 1176, generator=g), "video_grid_thw": grid,
+        "pixel_values_videos": torch.randn(t * h * w, 1176, generator=gen), "video_grid_thw": grid,
         "second_per_grid_ts": sec, "mm_token_type_ids": (ids == VIDEO).int() * 2,
         "position_ids": mrope_positions(ids[0], grid, sec, config)[:, None],
     }
@@ -177,7 +177,7 @@ def test_logprobs_match_full_forward(model, prompts, rollout):
 
 def test_max_length_and_finish_reasons(model, prompts):
     out = generate(model, prompts, num_samples=2, max_new_tokens=5, seed=0, eos_token_id=NEVER)
-    assert all(c.length == 5 and c.finish_reason == "length" for g in out for c in g)
+    assert all(c.length == 5 and c.finish_reason == "length" for group in out for c in group)
     first = generate(model, prompts, num_samples=1, max_new_tokens=1, greedy=True, eos_token_id=NEVER)
     eos = int(first[1][0].token_ids[0])
     out = generate(model, prompts[1:2], num_samples=2, max_new_tokens=6, greedy=True, eos_token_id=[NEVER, eos])
@@ -195,10 +195,10 @@ def test_windows_do_not_change_results(model, prompts):
     """A step that reads more generated slots than it has written (a CUDA graph's rounded-up window: the
     extra slots are masked) gives the logits of a step reading exactly those written (eager mode)."""
     batch = rollout.PrefilledBatch(model, prompts, num_samples=2, max_new_tokens=9)
-    g = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for step in range(batch.slots):
-            tokens = torch.randint(0, 290, (len(prompts) * 2,), generator=g)
+            tokens = torch.randint(0, 290, (len(prompts) * 2,), generator=gen)
             at = torch.tensor([step])
             exact = batch._step(tokens, at, step + 1)  # writes this step's keys; the calls below rewrite them
             for w in sorted({min(step + 3, batch.slots), batch.slots}):
@@ -237,7 +237,8 @@ def test_cuda_graphs_match_eager():
             torch.testing.assert_close(e.logprobs, g.logprobs, atol=1e-5, rtol=0)
     sampled = Sampling(num_samples=4, max_new_tokens=150, temperature=1.0, top_k=50, eos_token_id=NEVER, seed=0)
     a, b = (StaticCacheEngine(model).generate(prompts, sampled) for _ in range(2))
-    assert [[c.token_ids.tolist() for c in g] for g in a] == [[c.token_ids.tolist() for c in g] for g in b]
+    tokens = [[[c.token_ids.tolist() for c in group] for group in run] for run in (a, b)]
+    assert tokens[0] == tokens[1]
 
 
 

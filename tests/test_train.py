@@ -17,7 +17,7 @@ from vcr1 import grpo, train
 from vcr1.config import parse_config
 from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
-from vcr1.engine import standalone_env
+from vcr1.distributed import standalone_env
 from vcr1.tasks import get_task
 from vcr1_testing import REPO, synthetic_tasks
 
@@ -156,7 +156,7 @@ def _torchrun(out, synthetic, *extra, script="vcr1/train.py", timeout=600):
            str(REPO / script), *_args(out, synthetic, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
     if torch.cuda.device_count() < 2:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer then picks gloo and the CPU (vcr1/engine.py)
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the trainer then picks gloo and the CPU (vcr1/distributed.py)
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run

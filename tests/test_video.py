@@ -1,4 +1,4 @@
-"""Video pipeline: spec §2 sampling math, decoding (real codecs, colour, bad media), patch layout
+"""Video pipeline: docs/paper.md §2 sampling math, decoding (real codecs, colour, bad media), patch layout
 against transformers and a tiny Qwen2.5-VL, and the GPU paths (skipped without CUDA). Tests that decode
 video files skip without torchcodec; the rest run without it."""
 import math
@@ -84,7 +84,7 @@ def test_frame_pixel_budget(n, expected):
     ((200, 200), 602112, (196, 196)),
     ((128, 128), 602112, (140, 140)),
     ((20, 30), 602112, (112, 140)),        # upscale to min_pixels
-    ((14, 459), 602112, (28, 448)),        # a side rounding to 0 is kept at 28 (spec §2, not transformers)
+    ((14, 459), 602112, (28, 448)),        # a side rounding to 0 is kept at 28 (docs/paper.md §2, not transformers)
 ])
 def test_smart_resize_hand_values(hw, max_pixels, expected):
     assert V.smart_resize(*hw, min_pixels=16 * 28 * 28, max_pixels=max_pixels) == expected
@@ -97,7 +97,7 @@ def test_smart_resize_rejects_extreme_aspect_ratio():
 
 def test_smart_resize_matches_transformers():
     pil = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
-    # From 15 px: below, transformers rounds a side to 0 where spec §2 (qwen-vl-utils) keeps 28.
+    # From 15 px: below, transformers rounds a side to 0 where docs/paper.md §2 (qwen-vl-utils) keeps 28.
     for h in range(15, 2200, 67):
         for w in range(15, 2200, 89):
             if max(h, w) / min(h, w) > 200:

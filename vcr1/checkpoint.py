@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcr1.engine import barrier
+from vcr1.distributed import barrier
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
                    "processor_config.json")

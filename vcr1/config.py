@@ -129,6 +129,8 @@ class EngineConfig:
                                     "phase that queued it (on with --engine.nvtx; a host sync per phase)")
     check_values: bool = opt(False, "check the values of the loss inputs on every call (token ids in range, "
                                     "sequence boundaries); each check is a host sync")
+    attn_backend: str = opt("auto", "packed attention kernel (vcr1/packing.py); auto: flex on CUDA, prefix on CPU",
+                            ("auto", "flex", "flash", "torch", "prefix", "sdpa"))
 
 
 @dataclass

@@ -89,7 +89,7 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
     not decode) count in `skipped`, items that cannot be scored (a malformed solution) in `malformed`: a
     bad held-out item never ends training, and every process still makes the one gather below.
     """
-    from vcr1.engine import all_gather_objects
+    from vcr1.distributed import all_gather_objects
 
     batch_size = batch_size or cfg.eval_batch_size or cfg.prompts_per_step
     max_new_tokens = max_new_tokens or cfg.grpo.max_completion_length
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def generate_predictions(args, rank: int, world: int, device) -> dict:
     """Answer the annotation items not yet in the predictions file; returns skip counts (all processes)."""
     from vcr1.data.annotations import load_annotations
-    from vcr1.engine import all_gather_objects, barrier
+    from vcr1.distributed import all_gather_objects, barrier
     from vcr1.model import load_model, load_tokenizer
 
     samples, bad_entries = load_annotations(args.task, args.annotations, args.media_root, fmt=args.fmt,
@@ -251,7 +251,7 @@ def _processes():
     """(rank, world, device): torchrun's process group when launched by it, else one process."""
     import torch
 
-    from vcr1.engine import init_distributed
+    from vcr1.distributed import init_distributed
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return init_distributed()

@@ -3,10 +3,11 @@
     rollout_groups -> score_groups -> with_advantages -> with_logprobs -> policy_loss
 
 A `Groups` is one micro-batch: prompts (each with its decoded video) and G sampled completions per
-prompt, later their rewards, advantages and the π_old / π_ref log-probs of every completion token.
-The optimizer, processes and checkpoints are the trainer's (vcr1/train.py); the two quantities that are
-global by definition - the batch std of `scale_rewards: batch` and dapo's token count - come in as
-arguments.
+prompt with the sampler's log-probs, later their rewards, advantages and the π_old / π_ref log-probs of
+every completion token. The optimizer, processes and checkpoints are the trainer's (vcr1/train.py); the
+two quantities that are global by definition - the batch std of `scale_rewards: batch` and dapo's token
+count - come in as arguments. `grpo_cfg` is the config's `grpo` section; `fwd`, how every forward of
+the policy or π_ref runs (`ForwardOptions`), bound once from the config's `engine` section.
 
 Every process runs the same passes in the same order whatever its data (ZeRO-3 gathers weights
 module by module, and all processes must take part): a micro-batch whose every reward failed still
@@ -31,10 +32,37 @@ log = logging.getLogger("vcr1")
 
 
 @dataclass(frozen=True)
+class ForwardOptions:
+    """How the packed forward and the LM head run, the same for every pass of a run (config `engine.*`)."""
+    shared_prefix: bool = True  # the prompt once per group in a packed row; False: the padded reference
+    attn_backend: str = "auto"  # packed attention kernel: "auto" or one of vcr1.packing.ATTENTION_BACKENDS
+    head_backend: str = "auto"  # LM-head kernels: "auto" or one of vcr1_kernels.LM_HEAD_BACKENDS
+    check_values: bool = True  # the kernels check their inputs' values (a host sync each)
+
+    @classmethod
+    def from_config(cls, cfg) -> ForwardOptions:
+        """A run's options: --engine.shared_prefix, .attn_backend, .loss_backend and .check_values."""
+        return cls(shared_prefix=cfg.engine.shared_prefix, attn_backend=cfg.engine.attn_backend,
+                   head_backend=cfg.engine.loss_backend, check_values=cfg.engine.check_values)
+
+    def hidden(self, model, inputs: list[dict], completions):
+        """`completion_hidden` of the completions after their prompts: (hidden, targets, cu_seqlens)."""
+        return completion_hidden(model, inputs, completions, shared_prefix=self.shared_prefix,
+                                 attn_backend=self.attn_backend)
+
+    def head(self, model, hidden: torch.Tensor, fn, **kwargs):
+        """The fused LM-head kernel `fn` (token_logprobs, grpo_loss) on `hidden` through `model.lm_head`."""
+        return model.lm_head(hidden, fn=fn, backend=self.head_backend, check_values=self.check_values, **kwargs)
+
+
+@dataclass(frozen=True)
 class Groups:
     """One micro-batch of GRPO groups. Row order everywhere: group by group, G completions each."""
     examples: tuple  # vcr1.data.dataset.Example per prompt
     completions: tuple  # per prompt: a tuple of G 1-D token tensors
+    # per prompt: a tuple of G 1-D fp32 tensors, the log-prob of each completion token under the distribution
+    # it was sampled from (vcr1.rollout.Completion.logprobs), aligned with `completions`
+    rollout_logprobs: tuple | None = None
     rewards: torch.Tensor | None = None  # [B·G]
     advantages: torch.Tensor | None = None  # [B·G]
     old_logprobs: torch.Tensor | None = None  # [tokens], when μ > 1
@@ -63,19 +91,20 @@ class Scored:
     samples: list  # a few completions with their rewards, for samples.jsonl
 
 
-def rollout_groups(model, examples: list, g, *, stop_ids: list[int], seed: int, fast: bool = True) -> Groups:
-    """G sampled completions per prompt (`g`: the GRPO config). The caller provides full weights."""
+def rollout_groups(model, examples: list, grpo_cfg, *, stop_ids: list[int], seed: int, fast: bool = True) -> Groups:
+    """G sampled completions per prompt, with their log-probs. The caller provides full weights."""
     generate = rollout.generate if fast else rollout.hf_generate
     model.eval()
     with torch.no_grad():
-        out = generate(model, [ex.inputs for ex in examples], num_samples=g.num_generations,
-                       max_new_tokens=g.max_completion_length, temperature=g.temperature, top_k=g.top_k,
-                       top_p=g.top_p, eos_token_id=stop_ids, seed=seed)
+        out = generate(model, [ex.inputs for ex in examples], num_samples=grpo_cfg.num_generations,
+                       max_new_tokens=grpo_cfg.max_completion_length, temperature=grpo_cfg.temperature,
+                       top_k=grpo_cfg.top_k, top_p=grpo_cfg.top_p, eos_token_id=stop_ids, seed=seed)
     model.train()
-    return Groups(tuple(examples), tuple(tuple(c.token_ids.cpu() for c in group) for group in out))
+    return Groups(tuple(examples), tuple(tuple(c.token_ids.cpu() for c in group) for group in out),
+                  rollout_logprobs=tuple(tuple(c.logprobs.cpu() for c in group) for group in out))
 
 
-def score_groups(groups: Groups, tokenizer, g, *, think: bool) -> Scored:
+def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
     """Rule-based rewards of every completion. A group whose reward throws (a bug, or a solution that got
     past validation) is left out of the loss and counted; when none is left the micro-batch keeps all
     its groups at weight 0, so this process still runs the same passes as the others."""
@@ -88,7 +117,7 @@ def score_groups(groups: Groups, tokenizer, g, *, think: bool) -> Scored:
         except Exception as e:  # a reward must not end the run
             log.warning("reward failed on %s: %r; group left out of the loss", ex.sample.uid, e)
             continue
-        totals = [total_reward(p, g.reward_weights) for p in parts]
+        totals = [total_reward(p, grpo_cfg.reward_weights) for p in parts]
         keep.append(i)
         rewards += totals
         for p, total in zip(parts, totals):
@@ -101,47 +130,45 @@ def score_groups(groups: Groups, tokenizer, g, *, think: bool) -> Scored:
     if not keep:
         n = sum(len(group) for group in groups.completions)
         return Scored(dataclasses.replace(groups, rewards=torch.zeros(n), weight=0.0), components, failed, samples)
+    logprobs = groups.rollout_logprobs
     kept = Groups(tuple(groups.examples[i] for i in keep), tuple(groups.completions[i] for i in keep),
+                  rollout_logprobs=None if logprobs is None else tuple(logprobs[i] for i in keep),
                   rewards=torch.tensor(rewards, dtype=torch.float32))
     return Scored(kept, components, failed, samples)
 
 
-def with_advantages(groups: Groups, g, batch_std: torch.Tensor | None = None) -> Groups:
+def with_advantages(groups: Groups, grpo_cfg, batch_std: torch.Tensor | None = None) -> Groups:
     """Group-relative advantages; `batch_std` is the std over every process's rewards for scale_rewards batch."""
-    adv = group_advantages(groups.rewards, g.num_generations, g.scale_rewards, batch_std)
+    adv = group_advantages(groups.rewards, grpo_cfg.num_generations, grpo_cfg.scale_rewards, batch_std)
     return dataclasses.replace(groups, advantages=adv * groups.weight)
 
 
-def completion_logprobs(model, groups: Groups, *, temperature: float, shared_prefix: bool, backend: str,
-                        check_values: bool = True) -> torch.Tensor:
+def completion_logprobs(model, groups: Groups, fwd: ForwardOptions, *, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) of every completion token under `model`, detached (π_old, π_ref)."""
     with torch.no_grad():
-        hidden, targets, _ = completion_hidden(model, groups.inputs, groups.completions, shared_prefix=shared_prefix)
-        return model.lm_head(hidden, fn=token_logprobs, targets=targets, temperature=temperature, backend=backend,
-                             check_values=check_values)
+        hidden, targets, _ = fwd.hidden(model, groups.inputs, groups.completions)
+        return fwd.head(model, hidden, token_logprobs, targets=targets, temperature=temperature)
 
 
-def with_logprobs(groups: Groups, g, *, old=None, ref=None, shared_prefix: bool, backend: str,
-                  check_values: bool = True) -> Groups:
+def with_logprobs(groups: Groups, grpo_cfg, fwd: ForwardOptions, *, old=None, ref=None) -> Groups:
     """The batch with π_old's log-probs (pass the policy when μ > 1) and π_ref's (when β > 0), at the
     sampling temperature as the policy loss takes its own: the first ratio is then exactly 1 and the KL
     compares like with like."""
-    kw = dict(temperature=g.temperature, shared_prefix=shared_prefix, backend=backend, check_values=check_values)
+    temperature = grpo_cfg.temperature
     return dataclasses.replace(
         groups,
-        old_logprobs=None if old is None else completion_logprobs(old, groups, **kw),
-        ref_logprobs=None if ref is None else completion_logprobs(ref, groups, **kw))
+        old_logprobs=None if old is None else completion_logprobs(old, groups, fwd, temperature=temperature),
+        ref_logprobs=None if ref is None else completion_logprobs(ref, groups, fwd, temperature=temperature))
 
 
-def policy_loss(model, groups: Groups, g, *, shared_prefix: bool, backend: str, normalizer=None,
-                scale: float = 1.0, check_values: bool = True):
+def policy_loss(model, groups: Groups, grpo_cfg, fwd: ForwardOptions, *, normalizer=None, scale: float = 1.0):
     """The clipped, KL-regularised GRPO loss of the batch under the current policy, times `scale` (the
     trainer's correction for how DeepSpeed averages); (loss, detached stats kl / clip_ratio / entropy)."""
-    hidden, targets, cu = completion_hidden(model, groups.inputs, groups.completions, shared_prefix=shared_prefix)
-    loss, stats = model.lm_head(
-        hidden, fn=grpo_loss, targets=targets, cu_seqlens=cu, advantages=groups.advantages.to(hidden.device),
-        old_logprobs=groups.old_logprobs, ref_logprobs=groups.ref_logprobs, beta=g.beta,
-        epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, delta=g.delta, temperature=g.temperature,
-        loss_type=g.loss_type, max_completion_length=g.max_completion_length, normalizer=normalizer,
-        backend=backend, check_values=check_values)
+    hidden, targets, cu = fwd.hidden(model, groups.inputs, groups.completions)
+    loss, stats = fwd.head(
+        model, hidden, grpo_loss, targets=targets, cu_seqlens=cu, advantages=groups.advantages.to(hidden.device),
+        old_logprobs=groups.old_logprobs, ref_logprobs=groups.ref_logprobs, beta=grpo_cfg.beta,
+        epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high, delta=grpo_cfg.delta,
+        temperature=grpo_cfg.temperature, loss_type=grpo_cfg.loss_type,
+        max_completion_length=grpo_cfg.max_completion_length, normalizer=normalizer)
     return loss * (scale * groups.weight), stats

@@ -97,7 +97,7 @@ def prompt_positions(prompt: dict, config) -> torch.Tensor:
 
 def answer_start(prompt_positions: torch.Tensor) -> int:
     """The release rule for generated text: answer token k sits at the prompt's largest position + 1 + k,
-    all three rows equal (the README's mRoPE section)."""
+    all three rows equal (docs/design.md, "Positions (mRoPE): the release rule")."""
     return int(prompt_positions.max()) + 1 if prompt_positions.numel() else 0
 
 

@@ -13,9 +13,9 @@ G·(P + C).
 Attention backends: "flex" (CUDA: FlexAttention with a block mask of the packed row's structure) and
 "prefix" (any device: PrefixAttention, plain torch) read the prompt's keys/values where they lie, once for
 all G answers, and keep for backward only q, k, v, the output and the log-sum-exp (the memory of one
-plain causal forward over the packed row). "flash" and "torch" (CUDA varlen kernels, the earlier fast
-paths, now explicit options) and "sdpa" (the reference: one masked SDPA call per segment) take a copy of
-the prompt's keys/values per answer.
+plain causal forward over the packed row). "flash" and "torch" (CUDA varlen kernels) and "sdpa" (the
+reference: one masked SDPA call per segment) take a copy of the prompt's keys/values per answer. The
+trainer's choice is --engine.attn_backend ("auto": the first available of ATTENTION_BACKENDS).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class PackedSegments:
     segment: torch.Tensor  # [T] int32: the segment each token belongs to (a prompt, or one answer)
     group: torch.Tensor  # [T] int32: the group (prompt and its answers) each token belongs to
     prompt: torch.Tensor  # [T] bool: whether the token is a prompt token
-    backend: str  # "auto" or one of ATTENTION_BACKENDS
+    attn_backend: str  # "auto" or one of ATTENTION_BACKENDS
 
     @cached_property
     def block_mask(self) -> BlockMask:
@@ -364,7 +364,7 @@ def _torch_varlen(q, k, v, seg: PackedSegments, scale: float) -> torch.Tensor:
 # These take the prompt's K/V gathered per answer (kv_index; an atomic index_add in backward): a segment's
 # keys must be contiguous for the varlen kernels. Not copying would take two calls merged by log-sum-exp
 # with a gradient through the log-sum-exp, which their autograd functions do not give; on CUDA, "flex"
-# is the no-copy path, and flash/torch stay selectable as the previous fast paths.
+# is the no-copy path.
 _VARLEN = {"flash": _flash_varlen, "torch": _torch_varlen, "sdpa": _sdpa_varlen}
 
 
@@ -375,7 +375,7 @@ def _attention(module, query, key, value, attention_mask, *args, fallback, **kwa
     seg = attention_mask
     # Resolved here, from the query itself, so autocast's bf16 still reaches the flash kernels. No
     # attention dropout: Qwen2.5-VL trains with attention_dropout = 0.
-    backend = pick_backend(seg.backend, query.device, query.dtype)
+    backend = pick_backend(seg.attn_backend, query.device, query.dtype)
     if backend == "prefix":
         out = PrefixAttention.apply(query[0], key[0], value[0], seg.pieces, module.scaling)
         return out.transpose(0, 1).unsqueeze(0), None
@@ -408,14 +408,14 @@ def _install(model) -> None:
         ALL_ATTENTION_FUNCTIONS[name] = wrapper
 
 
-def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backend: str):
+def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], attn_backend: str):
     """The packed row [prompt_1 | a_11 … a_1G | prompt_2 | …]: ids [T], positions [4, T] (the text
     row, then t/h/w), the attention segments, and the row of the hidden state that predicts each
     completion token."""
     device = prompts[0]["ids"].device
     ids, positions, queries, keys, rows, pieces, owner, is_prompt = [], [], [], [], [], [], [], []
     offset = 0
-    for g, (prompt, completions) in enumerate(zip(prompts, completions_list)):
+    for group, (prompt, completions) in enumerate(zip(prompts, completions_list)):
         n = len(prompt["ids"])
         total = sum(len(c) for c in completions)
         pieces += [(offset, offset + n, offset, offset + n, True),
@@ -425,7 +425,7 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
         positions.append(torch.cat([torch.arange(n, device=device)[None], prompt["positions"]]))
         queries.append(span)
         keys.append(span)
-        owner.append(g)
+        owner.append(group)
         is_prompt.append(True)
         offset += n
         for c in completions:
@@ -435,7 +435,7 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
             positions.append(torch.cat([text, answer_positions(prompt["positions"], len(c))]))
             queries.append(own)
             keys.append(torch.cat([span, own]))
-            owner.append(g)
+            owner.append(group)
             is_prompt.append(False)
             # The prompt's last token predicts every answer's first token.
             rows.append(torch.cat([span[-1:], own[:-1]]))
@@ -452,7 +452,7 @@ def _pack(prompts: list[dict], completions_list: list[list[torch.Tensor]], backe
     segments = PackedSegments(cumulative(queries), cumulative(keys), torch.cat(keys),
                               max(map(len, queries)), max(map(len, keys)), tuple(pieces),
                               per_token(list(range(len(queries))), torch.int32), per_token(owner, torch.int32),
-                              per_token(is_prompt, torch.bool), backend)
+                              per_token(is_prompt, torch.bool), attn_backend)
     return torch.cat(ids), torch.cat(positions, 1), segments, torch.cat(rows)
 
 
@@ -480,10 +480,10 @@ def _distinct_video_embeds(model, prompts: list[dict]) -> torch.Tensor | None:
 
 
 def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch.Tensor]],
-                   backend: str) -> torch.Tensor:
+                   attn_backend: str) -> torch.Tensor:
     """Fast path: one packed row, the vision tower once per distinct video, answers sharing their prompt."""
     _install(model)
-    ids, positions, segments, rows = _pack(prompts, completions_list, backend)
+    ids, positions, segments, rows = _pack(prompts, completions_list, attn_backend)
     embeds = model.model.get_input_embeddings()(ids)
     video = _distinct_video_embeds(model, prompts)
     if video is not None:
@@ -500,15 +500,15 @@ def _packed_hidden(model, prompts: list[dict], completions_list: list[list[torch
 # ---- the interface -----------------------------------------------------------------------------
 
 def completion_hidden(model, prompt_inputs_list: list[dict], completions_list: list[list[torch.Tensor]], *,
-                      shared_prefix: bool = True, backend: str = "auto"):
+                      shared_prefix: bool = True, attn_backend: str = "auto"):
     """Hidden states predicting every completion token, group by group, completions in order.
 
-    prompt_inputs_list[g] is what the processor returns for group g's prompt (input_ids,
+    prompt_inputs_list[i] is what the processor returns for group i's prompt (input_ids,
     pixel_values_videos, video_grid_thw, second_per_grid_ts, optionally position_ids);
-    completions_list[g] its completions (1-D token ids, ragged, non-empty).
+    completions_list[i] its completions (1-D token ids, ragged, non-empty).
     Returns hidden [N, H] (the LM head is left to the caller), targets [N] and the completion
     boundaries cu_seqlens [B + 1] int32, N = total completion tokens, B = total completions.
-    shared_prefix=False is the repeated-prompt padded reference; backend picks the packed attention
+    shared_prefix=False is the repeated-prompt padded reference; attn_backend picks the packed attention
     kernel ("auto" or one of ATTENTION_BACKENDS).
     """
     prompts = [_prompt(model, p) for p in prompt_inputs_list]
@@ -520,7 +520,7 @@ def completion_hidden(model, prompt_inputs_list: list[dict], completions_list: l
     lengths = torch.tensor([0] + [len(c) for c in completions], device=model.device)
     cu_seqlens = lengths.cumsum(0).to(torch.int32)
     if shared_prefix:
-        hidden = _packed_hidden(model, prompts, completions_list, backend)
+        hidden = _packed_hidden(model, prompts, completions_list, attn_backend)
     else:
         hidden = _padded_hidden(model, prompts, completions_list)
     return hidden, targets, cu_seqlens

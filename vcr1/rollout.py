@@ -8,15 +8,17 @@ have all stopped leaves the batch, so a long answer does not keep short ones com
 is the reference: HF `generate(num_return_sequences=G)` per prompt.
 
 Both follow vcr1's 3-D positions (`vcr1.model.prompt_positions`, then `answer_start` + k for generated
-token k on all three rows: the release rule, see the README).
+token k on all three rows: the release rule, see docs/design.md).
 
 Log-probs are those of the distribution each token was drawn from: log_softmax(logits / temperature)
 after the top-k and top-p filters (`process_logits`), as HF's output scores give them. The trainer's
 recompute, log_softmax(logits / temperature), equals it when top_k is None and top_p == 1. Greedy
 decoding reports the raw policy's log_softmax(logits).
 
-Under DeepSpeed ZeRO-3 the weights are sharded: the caller gathers them around these calls
-(`deepspeed.zero.GatheredParameters(model.parameters())`). Either engine takes the model as it is.
+Under DeepSpeed ZeRO-3 the weights are sharded: the caller wraps these calls in
+`vcr1.distributed.generation_weights`, which gathers the full weights once and removes ZeRO-3's per-module
+hooks for the call (DeepSpeed's `unwrap_model_for_generation`), so decoding makes no collective. Either
+engine takes the model as it is.
 """
 from __future__ import annotations
 
@@ -144,27 +146,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _by_prompt(x: torch.Tensor, g: int) -> torch.Tensor:
+def _by_prompt(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """[P·G, kv, r, n] -> [P, kv, G·r, n]: a prompt's G samples become extra query rows of its keys."""
-    pg, kv, r, n = x.shape
-    return x.view(pg // g, g, kv, r, n).transpose(1, 2).reshape(pg // g, kv, g * r, n)
+    rows, kv, r, n = x.shape
+    p = rows // group_size
+    return x.view(p, group_size, kv, r, n).transpose(1, 2).reshape(p, kv, group_size * r, n)
 
 
-def _by_row(x: torch.Tensor, g: int) -> torch.Tensor:
+def _by_row(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of _by_prompt."""
     p, kv, gr, n = x.shape
-    return x.view(p, kv, g, gr // g, n).transpose(1, 2).reshape(p * g, kv, gr // g, n)
+    r = gr // group_size
+    return x.view(p, kv, group_size, r, n).transpose(1, 2).reshape(p * group_size, kv, r, n)
 
 
-def _attend(q, kp, vp, kg, vg, bias, g, scale):
+def _attend(q, kp, vp, kg, vg, bias, group_size, scale):
     """One softmax over [prompt keys ‖ generated keys] for each row's query q [N, kv, r, d].
 
     kp, vp [P, kv, L, d] are read once per prompt for all its G samples; kg, vg [N, kv, W, d] per row.
     """
-    scores = torch.cat([_by_row(_by_prompt(q, g) @ kp.transpose(-1, -2), g), q @ kg.transpose(-1, -2)], dim=-1)
+    on_prompt = _by_row(_by_prompt(q, group_size) @ kp.transpose(-1, -2), group_size)
+    scores = torch.cat([on_prompt, q @ kg.transpose(-1, -2)], dim=-1)
     p = (scores.float() * scale + bias).softmax(-1).to(q.dtype)
-    pp, pg = p.split([kp.shape[2], kg.shape[2]], dim=-1)
-    return _by_row(_by_prompt(pp, g) @ vp, g) + pg @ vg
+    p_prompt, p_generated = p.split([kp.shape[2], kg.shape[2]], dim=-1)
+    return _by_row(_by_prompt(p_prompt, group_size) @ vp, group_size) + p_generated @ vg
 
 
 class PrefilledBatch:
@@ -180,7 +185,7 @@ class PrefilledBatch:
         text = model.config.text_config
         if getattr(text, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention layers are not supported by the static cache")
-        self.model, self.g = model, num_samples
+        self.model, self.group_size = model, num_samples
         self.lm = model.model.language_model
         attn = self.lm.layers[0].self_attn
         self.d, self.kv_heads = attn.head_dim, text.num_key_value_heads
@@ -230,7 +235,7 @@ class PrefilledBatch:
         if self.graphs is not None:
             raise RuntimeError("a graphed batch keeps its shapes: its rows cannot retire")
         keep = (~done).nonzero()[:, 0]
-        rows = (keep[:, None] * self.g + torch.arange(self.g, device=keep.device)).reshape(-1)
+        rows = (keep[:, None] * self.group_size + torch.arange(self.group_size, device=keep.device)).reshape(-1)
         self.kp, self.vp = self.kp[:, keep], self.vp[:, keep]
         self.kg, self.vg = self.kg[:, rows], self.vg[:, rows]
         self.next_pos, self.prompt_bias = self.next_pos[rows], self.prompt_bias[rows]
@@ -281,17 +286,18 @@ class PrefilledBatch:
         self.kg[i].index_copy_(2, step, k[:, :, None])
         self.vg[i].index_copy_(2, step, attn.v_proj(h).view(n, -1, 1, self.d))
         q = q.view(n, self.kv_heads, -1, self.d)
-        o = _attend(q, self.kp[i], self.vp[i], self.kg[i, :, :, :w], self.vg[i, :, :, :w], bias, self.g, self.scale)
+        o = _attend(q, self.kp[i], self.vp[i], self.kg[i, :, :, :w], self.vg[i, :, :, :w], bias, self.group_size,
+                    self.scale)
         return attn.o_proj(o.reshape(n, -1))
 
 
 # ----------------------------------------------------------------------------------------- engines
 
-def _completions(tokens, logprobs, lengths, stopped, g: int) -> list[list[Completion]]:
+def _completions(tokens, logprobs, lengths, stopped, group_size: int) -> list[list[Completion]]:
     """Rows of [N, T] results cut to their lengths, grouped G per prompt."""
     rows = [Completion(tokens[n, :int(lengths[n])].clone(), logprobs[n, :int(lengths[n])].clone(),
                        "eos" if stopped[n] else "length") for n in range(len(tokens))]
-    return [rows[i:i + g] for i in range(0, len(rows), g)]
+    return [rows[i:i + group_size] for i in range(0, len(rows), group_size)]
 
 
 class StaticCacheEngine:

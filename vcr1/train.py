@@ -37,15 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, grpo
-from vcr1 import engine as eng
+from vcr1 import checkpoint, distributed, grpo
 from vcr1.config import ConfigError, parse_config, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
-from vcr1.packing import completion_hidden
 from vcr1.tasks import blind_answers, get_task
 from vcr1_kernels import token_logprobs
 
@@ -55,7 +53,7 @@ log = logging.getLogger("vcr1")
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.rank, self.world, self.device = eng.init_distributed()
+        self.rank, self.world, self.device = distributed.init_distributed()
         self.out = Path(cfg.output_dir)
         self.sft_steps = cfg.sft.steps if "sft" in cfg.stage else 0
         self.phase = Phases(sync=cfg.engine.sync_timings or cfg.engine.nvtx)
@@ -79,13 +77,14 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.stop_ids = stop_ids(model, self.tokenizer)
+        self.fwd = grpo.ForwardOptions.from_config(cfg)  # how every packed forward and LM-head call runs
 
         with self.phase("setup/data"):
             self._build_data(model.config)
         self.grpo_steps = self._grpo_steps()
-        self.engine = eng.build_engine(model, cfg, grpo_steps=self.grpo_steps)
+        self.engine = distributed.build_engine(model, cfg, grpo_steps=self.grpo_steps)
         self.model = self.engine.module
-        self.ref = eng.build_frozen(ref, cfg) if ref is not None else None
+        self.ref = distributed.build_frozen(ref, cfg) if ref is not None else None
         self.step, self.stage = 0, "sft" if "sft" in cfg.stage else "grpo"
         self.skipped = {"reward": 0}  # this process's failed reward groups, summed over processes when logged
         self.run_id = checkpoint.new_run_id()
@@ -149,7 +148,7 @@ class Trainer:
             root = Path(cfg.data.synthetic_dir or self.out / "synthetic")
             if self.rank == 0:
                 splits = synthetic_datasets(root, cfg.data, cfg.seed)
-            eng.barrier()
+            distributed.barrier()
             splits = synthetic_datasets(root, cfg.data, cfg.seed)  # now only reads the manifest
             datasets, eval_datasets = splits["train"], eval_datasets or splits["test"]
         self.train_samples, bad_train = load_split(datasets)
@@ -181,10 +180,8 @@ class Trainer:
                 examples = self.sft_stream.next_batch(cfg.sft.batch_size)
             targets = [[torch.tensor(reference_tokens(ex.sample, self.tokenizer, cfg.data.think))] for ex in examples]
             with self.phase("policy/forward"):
-                hidden, ids, cu = completion_hidden(self.model, [ex.inputs for ex in examples], targets,
-                                                    shared_prefix=cfg.engine.shared_prefix)
-                logp = self.model.lm_head(hidden, fn=token_logprobs, targets=ids, backend=cfg.engine.loss_backend,
-                                          check_values=cfg.engine.check_values)
+                hidden, ids, cu = self.fwd.hidden(self.model, [ex.inputs for ex in examples], targets)
+                logp = self.fwd.head(self.model, hidden, token_logprobs, targets=ids)
                 loss = sft_loss(logp, cu.to(logp.device))
             self._backward_and_step(loss)
             tally.mean("loss", [loss.detach()])
@@ -194,35 +191,35 @@ class Trainer:
     def grpo_step(self, tally: Tally):
         """One GRPO step: sample G completions per prompt, score them, turn rewards into group-relative
         advantages, take π_old / π_ref log-probs, then μ updates of the clipped policy loss."""
-        cfg, g = self.cfg, self.cfg.grpo
+        cfg, grpo_cfg = self.cfg, self.cfg.grpo
         with self.phase("data"):
             draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
-        with self.phase("rollout"), eng.generation_weights(self.engine, cfg.engine.zero_stage):
-            rolled = [grpo.rollout_groups(self.model, examples, g, stop_ids=self.stop_ids, fast=cfg.engine.fast_rollout,
+        with self.phase("rollout"), distributed.generation_weights(self.engine, cfg.engine.zero_stage):
+            rolled = [grpo.rollout_groups(self.model, examples, grpo_cfg, stop_ids=self.stop_ids,
+                                          fast=cfg.engine.fast_rollout,
                                           seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
                       for micro, examples in enumerate(draws)]
         with self.phase("rewards"):
-            scored = [grpo.score_groups(groups, self.tokenizer, g, think=cfg.data.think) for groups in rolled]
+            scored = [grpo.score_groups(groups, self.tokenizer, grpo_cfg, think=cfg.data.think) for groups in rolled]
         self.skipped["reward"] += sum(s.failed for s in scored)
 
-        batch_std = self._batch_std([s.groups for s in scored]) if g.scale_rewards == "batch" else None
-        batches = [grpo.with_advantages(s.groups, g, batch_std) for s in scored]
-        passes = dict(shared_prefix=cfg.engine.shared_prefix, backend=cfg.engine.loss_backend,
-                      check_values=cfg.engine.check_values)
-        old = self.model if g.num_iterations > 1 else None  # μ = 1 is on-policy: π_old is the policy itself
+        batch_std = self._batch_std([s.groups for s in scored]) if grpo_cfg.scale_rewards == "batch" else None
+        batches = [grpo.with_advantages(s.groups, grpo_cfg, batch_std) for s in scored]
+        old = self.model if grpo_cfg.num_iterations > 1 else None  # μ = 1 is on-policy: π_old is the policy itself
         with self.phase("ref+old_logprobs"):
-            batches = [grpo.with_logprobs(b, g, old=old, ref=self.ref, **passes) for b in batches]
+            batches = [grpo.with_logprobs(b, grpo_cfg, self.fwd, old=old, ref=self.ref) for b in batches]
 
         normalizer, scale = None, 1.0
-        if g.loss_type == "dapo":
+        if grpo_cfg.loss_type == "dapo":
             # dapo divides by the step's token count over every micro-batch and process; DeepSpeed then
             # averages gradients over both, which `scale` undoes.
-            normalizer = eng.sum_floats([sum(sum(b.lengths) for b in batches if b.weight)])[0] or 1.0
+            normalizer = distributed.sum_floats([sum(sum(b.lengths) for b in batches if b.weight)])[0] or 1.0
             scale = self.world * cfg.grad_accum
-        for _ in range(g.num_iterations):
+        for _ in range(grpo_cfg.num_iterations):
             for b in batches:
                 with self.phase("policy/forward"):
-                    loss, stats = grpo.policy_loss(self.model, b, g, normalizer=normalizer, scale=scale, **passes)
+                    loss, stats = grpo.policy_loss(self.model, b, grpo_cfg, self.fwd, normalizer=normalizer,
+                                                   scale=scale)
                 self._backward_and_step(loss)
                 for key, value in (("loss", loss.detach()), *((k, stats[k]) for k in ("kl", "clip_ratio", "entropy"))):
                     tally.mean(key, [value] if b.weight else [])  # a step of unscorable groups logs None
@@ -238,7 +235,7 @@ class Trainer:
     def _batch_std(self, batches: list) -> torch.Tensor:
         """Std of the step's rewards over every process (scale_rewards batch)."""
         local = torch.cat([b.rewards for b in batches if b.weight] or [torch.zeros(0)])
-        rewards = torch.cat(eng.all_gather_objects(local))
+        rewards = torch.cat(distributed.all_gather_objects(local))
         return rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
 
     def _backward_and_step(self, loss):
@@ -270,7 +267,7 @@ class Trainer:
                     self.evaluate()
                 # Rank 0's clock decides, and every process learns both verdicts in one collective.
                 overdue = self.rank == 0 and 0 < cfg.save_minutes * 60 < time.monotonic() - last_save
-                stop, overdue = eng.any_process(signals.received is not None, overdue)
+                stop, overdue = distributed.any_process(signals.received is not None, overdue)
                 if (stop or overdue or self.step in (total, self.sft_steps)
                         or (self.stage == "grpo" and grpo_step % cfg.save_every == 0)):
                     self.save()
@@ -294,10 +291,10 @@ class Trainer:
         """After GRPO step `grpo_step` (0: before the first, where a warm-up ends): --eval_every's steps, and
         with --eval_before_after the policy GRPO starts from and the final one (a warm-up-only run: its end).
         Before the checkpoint of the same step, so a resume from it keeps its eval row rather than redoing it."""
-        cfg, grpo = self.cfg, "grpo" in self.cfg.stage
-        if cfg.eval_before_after and (self.step == total or (grpo and grpo_step == 0)):
+        cfg, trains_grpo = self.cfg, "grpo" in self.cfg.stage
+        if cfg.eval_before_after and (self.step == total or (trains_grpo and grpo_step == 0)):
             return True
-        return grpo and grpo_step > 0 and bool(cfg.eval_every) and grpo_step % cfg.eval_every == 0
+        return trains_grpo and grpo_step > 0 and bool(cfg.eval_every) and grpo_step % cfg.eval_every == 0
 
     def _log_step(self, tally: Tally, samples: list, seconds: float, total: int) -> dict:
         """The step's row of metrics.jsonl: every value reduced over all processes, in one collective."""
@@ -325,7 +322,7 @@ class Trainer:
         if not self.eval_samples:
             return
         zero = self.cfg.engine.zero_stage
-        with self.phase("eval"), eng.generation_weights(self.engine, zero):
+        with self.phase("eval"), distributed.generation_weights(self.engine, zero):
             result = evaluate(self.model, self.tokenizer, self.eval_samples, cfg=self.cfg, rank=self.rank,
                               world=self.world, device=self.device)
         row = {"step": self.step, "stage": "eval"}
@@ -373,7 +370,7 @@ class Tally:
 
     def reduce(self) -> dict:
         sums, counts, totals = defaultdict(float), defaultdict(int), defaultdict(float)
-        for part_sums, part_counts, part_totals in eng.all_gather_objects(
+        for part_sums, part_counts, part_totals in distributed.all_gather_objects(
                 (dict(self.sums), dict(self.counts), dict(self.totals))):
             for k, v in part_sums.items():
                 sums[k] += v

@@ -31,8 +31,8 @@ _SFT = (
     "--data.synthetic_train", "400", "--data.synthetic_test", "24", "--eval_limit", "72", "--data.reshuffle", "true",
     "--eval_before_after", "true", "--save_every", "100000",
 )
-# Stage 1 from random weights; stage 2 restarts a lower cosine from its weights. On the stages' own test split
-# stage 2 raised tracking AO from 24 to 30 and tg mIoU from 58 to 65 (gqa accuracy 79 -> 75: one of 24).
+# Stage 1 from random weights; stage 2 restarts a lower cosine from its weights, which gains on tracking and
+# tg (figures in docs/experiments.md).
 STAGES = (
     (*_SFT, "--sft.steps", "2000", "--sft.lr", "2e-3", "--model.init", "none"),
     (*_SFT, "--sft.steps", "600", "--sft.lr", "5e-4"),
@@ -66,7 +66,7 @@ def load_warm_start(model, path, tokenizer) -> dict:
 def build(out: Path = WARM_START, stages=STAGES, threads: int = THREADS, work: Path | None = None) -> dict:
     """Run the supervised stages one after the other and write the last one's final weights to `out`; returns
     the metadata. A stage after the first starts from the weights the one before it exported."""
-    from vcr1.engine import standalone_env
+    from vcr1.distributed import standalone_env
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work or tmp)

@@ -99,13 +99,13 @@ def group_forwards(model, prompt: dict, answers: list[torch.Tensor]) -> dict:
     repeated-prompt padded batch, and the ideal; and, where the model's device and dtype run it (CUDA),
     the packed row with the flex backend ("packed_flex")."""
     forwards = {
-        "packed": lambda: packing.completion_hidden(model, [prompt], [answers], backend="prefix")[0],
-        "packed_sdpa": lambda: packing.completion_hidden(model, [prompt], [answers], backend="sdpa")[0],
+        "packed": lambda: packing.completion_hidden(model, [prompt], [answers], attn_backend="prefix")[0],
+        "packed_sdpa": lambda: packing.completion_hidden(model, [prompt], [answers], attn_backend="sdpa")[0],
         "padded": lambda: packing.completion_hidden(model, [prompt], [answers], shared_prefix=False)[0],
         "ideal": lambda: ideal_hidden(model, prompt, answers),
     }
     if packing.unavailable_reason("flex", model.device, model.dtype) is None:
-        forwards["packed_flex"] = lambda: packing.completion_hidden(model, [prompt], [answers], backend="flex")[0]
+        forwards["packed_flex"] = lambda: packing.completion_hidden(model, [prompt], [answers], attn_backend="flex")[0]
     return forwards
 
 

@@ -31,7 +31,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @functools.cache
 def torchcodec_missing() -> str | None:
     """Why torchcodec cannot decode here (not installed, or FFmpeg's libraries not loadable), or None:
-    a GPU image may have neither (README, "Validating on a GPU"), and only decoding video files needs it."""
+    a GPU image may have neither (docs/gpu_validation.md, "The test suite on such a machine"), and only
+    decoding video files needs it."""
     try:
         importlib.import_module("torchcodec.decoders")
     except (ImportError, OSError, RuntimeError) as e:  # torchcodec raises RuntimeError when FFmpeg won't load

@@ -126,10 +126,9 @@ def appearance_video(rng: np.random.Generator, size: int, fps: int, n: int):
 
 
 def encode_mp4(frames: np.ndarray, fps: int, path: Path) -> None:
-    """H.264 mp4 of uint8 (n, h, w, 3) frames. In-process (torchcodec's encoder), because starting one ffmpeg
-    per video took most of a default run's 38 s of dataset generation. The same bytes on every run and
-    machine: one encoder thread (x264's default count follows the cores) and a constant quantiser, because
-    x264's rate control (crf) encoded the same frames differently from run to run on an AVX-512 AMD EPYC."""
+    """H.264 mp4 of uint8 (n, h, w, 3) frames, encoded in-process (an ffmpeg process per video is slow). One
+    encoder thread and a constant quantiser, not rate control, so the bytes are the same on every run and
+    machine (docs/experiments.md)."""
     import torch
     from torchcodec.encoders import VideoEncoder
 
@@ -205,7 +204,7 @@ def drifting_sequence(rng, i, split, media, size):
                       (x + xs.max() + 1) / size, (y + ys.max() + 1) / size])
         Image.fromarray(img).save(seq / f"{k + 1:08d}.jpg", quality=95, subsampling=0)
 
-    # Spec §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
+    # docs/paper.md §2's frames: first, five middle ones, last; Qwen's even-frame rule repeats the last one, so
     # the model sees 8 frames and the 8th box is the 7th's.
     picks = select_tracking_frames(n) + [n - 1]
     # At the answers' precision, so that the prompt's start box reads exactly as the answer's first box.

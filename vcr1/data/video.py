@@ -4,7 +4,7 @@
 (uint8 frames already resized, on the requested device); `video_inputs` turns clips into the
 tensors the model takes (`pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`).
 
-Sampling and resizing follow spec §2, which are qwen-vl-utils' rules with VideoChat-R1's constants:
+Sampling and resizing follow docs/paper.md §2, which are qwen-vl-utils' rules with VideoChat-R1's constants:
 frame count from the fps, frame indices round(linspace(0, total - 1, n)), a per-frame pixel budget
 out of a per-video total, and smart_resize to multiples of 28. The resize is bicubic with
 antialiasing in torch, rounded the way torchvision rounds on that device, then CLIP normalisation.
@@ -80,7 +80,7 @@ class Clip:
     duration: float
 
 
-# ---------------------------------------------------------------- sampling math (spec §2)
+# ---------------------------------------------------------------- sampling math (docs/paper.md §2)
 
 def round_by_factor(x: float, factor: int) -> int:
     return round(x / factor) * factor
@@ -96,7 +96,7 @@ def floor_by_factor(x: float, factor: int) -> int:
 
 def smart_nframes(total_frames: int, video_fps: float, *, fps: float = 2.0, min_frames: int = 4,
                   max_frames: int = 768) -> int:
-    """Number of frames to sample: fps-based, clamped, even (spec §2)."""
+    """Number of frames to sample: fps-based, clamped, even (docs/paper.md §2)."""
     lo = ceil_by_factor(min_frames, FRAME_FACTOR)
     hi = floor_by_factor(min(max_frames, total_frames), FRAME_FACTOR)
     n = total_frames / video_fps * fps
@@ -118,9 +118,9 @@ def frame_pixel_budget(n: int, *, min_pixels: int, total_pixels: int, max_pixels
 
 def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: float,
                  factor: int = FACTOR) -> tuple[int, int]:
-    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels] (spec §2).
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels] (docs/paper.md §2).
 
-    The downscale branch keeps at least one `factor` per side (as transformers does); the spec's
+    The downscale branch keeps at least one `factor` per side (as transformers does); docs/paper.md §2's
     floor would give 0 there only for sizes no model can take anyway.
     """
     if max(height, width) / min(height, width) > MAX_RATIO:
@@ -139,7 +139,7 @@ def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: float,
 
 
 def select_tracking_frames(n: int) -> list[int]:
-    """Indices of the frames a GOT-10k sequence of n frames contributes (spec §2, released code).
+    """Indices of the frames a GOT-10k sequence of n frames contributes (docs/paper.md §2, released code).
 
     First, int(i * (n - 1) / 6) for i = 1..5, last: 7 frames. The frame-factor rule then repeats
     the last one, so the model sees 8 frames, one per ground-truth box.
@@ -375,7 +375,7 @@ def load_video(source: str | os.PathLike | Sequence[str | os.PathLike], *, fps: 
                total_pixels: int = 3584 * 28 * 28, max_pixels: int = 768 * 28 * 28,
                device: str | torch.device = "cpu", start: float | None = None,
                end: float | None = None) -> Clip:
-    """Decode, sample and resize one video (spec §2) onto `device`.
+    """Decode, sample and resize one video (docs/paper.md §2) onto `device`.
 
     source: a video file; a directory of numbered frames (a GOT-10k sequence: the
     select_tracking_frames picks are used); or a list of frame images, used as given.
