@@ -6,7 +6,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from vcr1 import rollout
 from vcr1.model import mrope_positions
-from vcr1.rollout import Sampling, StaticCacheEngine, generate, hf_generate, process_logits
+from vcr1.rollout import Sampling, StaticCacheEngine, generate, hf_generate
 from vcr1_testing import requires_cuda
 
 VOCAB, VIDEO, V_START, V_END = 300, 295, 293, 294
@@ -67,8 +67,9 @@ def prompts(model):
     return [make_prompt(*shape, model.config, seed=i) for i, shape in enumerate(SHAPES)]
 
 
-def recompute_logprobs(model, prompt, completion, temperature=1.0, top_k=None, top_p=1.0):
-    """Log-probs of a completion from one full forward over prompt ‖ completion with vcr1's positions."""
+def recompute_logprobs(model, prompt, completion, temperature=1.0):
+    """Log-probs of a completion from one full forward over prompt ‖ completion with vcr1's positions: the
+    trainer's distribution, log_softmax(logits / temperature) over the full vocabulary."""
     pos = prompt["position_ids"]
     new = pos.max() + 1 + torch.arange(completion.length - 1)
     ids = torch.cat([prompt["input_ids"], completion.token_ids[None, :-1]], 1)
@@ -77,7 +78,7 @@ def recompute_logprobs(model, prompt, completion, temperature=1.0, top_k=None, t
                        pixel_values_videos=prompt["pixel_values_videos"], video_grid_thw=prompt["video_grid_thw"],
                        second_per_grid_ts=prompt["second_per_grid_ts"]).logits[0]
     logits = logits[prompt["input_ids"].shape[1] - 1:]
-    logp = process_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+    logp = (logits.float() / temperature).log_softmax(-1)
     return logp.gather(-1, completion.token_ids[:, None])[:, 0]
 
 
@@ -172,7 +173,9 @@ def test_logprobs_match_full_forward(model, prompts, rollout):
     for prompt, group in zip(prompts, out):
         for c in group:
             assert c.logprobs.dtype == torch.float32 and c.length == 10
-            torch.testing.assert_close(c.logprobs, recompute_logprobs(model, prompt, c, **kw), atol=1e-4, rtol=0)
+            # sampled under top-k / top-p, scored over the full vocabulary as the trainer scores them
+            expected = recompute_logprobs(model, prompt, c, kw["temperature"])
+            torch.testing.assert_close(c.logprobs, expected, atol=1e-4, rtol=0)
 
 
 def test_max_length_and_finish_reasons(model, prompts):

@@ -10,10 +10,10 @@ is the reference: HF `generate(num_return_sequences=G)` per prompt.
 Both follow vcr1's 3-D positions (`vcr1.model.prompt_positions`, then `answer_start` + k for generated
 token k on all three rows: the release rule, see docs/design.md).
 
-Log-probs are those of the distribution each token was drawn from: log_softmax(logits / temperature)
-after the top-k and top-p filters (`process_logits`), as HF's output scores give them. The trainer's
-recompute, log_softmax(logits / temperature), equals it when top_k is None and top_p == 1. Greedy
-decoding reports the raw policy's log_softmax(logits).
+Log-probs are each sampled token's log_softmax(logits / temperature) over the full vocabulary: the
+distribution the trainer recomputes, so their difference measures only the two engines' kernels and
+precision. Tokens are drawn after the top-k and top-p filters (`process_logits`), whose truncation the
+log-probs leave out (docs/design.md). Greedy decoding reports log_softmax(logits).
 
 Under DeepSpeed ZeRO-3 the weights are sharded: the caller wraps these calls in
 `vcr1.distributed.generation_weights`, which gathers the full weights once and removes ZeRO-3's per-module
@@ -81,13 +81,15 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None):
-    """Next token [N] of each row and its log-prob [N] (fp32) under the distribution it was drawn from."""
+    """Next token [N] of each row, drawn after top-k / top-p, and its fp32 log-prob [N] under the unfiltered
+    log_softmax(logits / temperature) (the module docstring says why)."""
     if sampling.greedy:
         tokens = logits.argmax(-1)
         logp = logits.float().log_softmax(-1)
     else:
-        logp = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(-1)
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        filtered = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        tokens = torch.multinomial(filtered.log_softmax(-1).exp(), 1, generator=generator)[:, 0]
+        logp = (logits.float() / sampling.temperature).log_softmax(-1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -380,9 +382,10 @@ class HFEngine:
         out = model.generate(
             **inputs, **knobs, max_new_tokens=s.max_new_tokens, eos_token_id=eos, pad_token_id=eos[0],
             repetition_penalty=1.0, num_return_sequences=1 if s.greedy else s.num_samples,
-            output_scores=True, return_dict_in_generate=True)
+            output_logits=True, return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:]
-        logprobs = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
+        logits = torch.stack(out.logits, 1).float() / (1.0 if s.greedy else s.temperature)
+        logprobs = logits.log_softmax(-1).gather(-1, new[..., None])[..., 0]
         is_eos = torch.isin(new, torch.tensor(eos, device=device))
         stopped = is_eos.any(1)
         lengths = torch.where(stopped, is_eos.int().argmax(1) + 1, new.shape[1])
