@@ -96,6 +96,17 @@ class GRPOConfig:
     scale_rewards: str = opt("group", "advantage std: per group, per batch or none", ("group", "batch", "none"))
     num_iterations: int = opt(1, "mu: policy updates per rollout batch")
     reward_weights: dict = opt({}, "weight per reward component, e.g. {iou: 2.0}; missing = 1")
+    importance_sampling_level: str = opt("token", "one importance ratio per token, or per completion: the "
+                                                  "exp of its mean log-ratio (GSPO)", ("token", "sequence"))
+    tis_cap: float | None = opt(None, "truncated importance sampling: weight each token's policy-gradient term "
+                                      "by min(pi_old / pi_rollout, C), C this cap (unset = off)")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal and roll out more prompts "
+                                        "until the step is full (DAPO)")
+    max_sampling_rounds: int = opt(3, "most rounds of prompts a step rolls out with dynamic_sampling")
+    mask_truncated: bool = opt(False, "completions that hit max_completion_length take no part in the loss "
+                                      "(DAPO's overlong filtering)")
+    overlong_buffer: int = opt(0, "DAPO's soft overlong penalty: a reward component falling from 0 to -1 over "
+                                  "the last N tokens before max_completion_length (0 = off)")
 
 
 @dataclass
@@ -300,9 +311,10 @@ def _flatten(tree: dict, prefix="") -> dict:
 
 
 def _dataset(entry, key: str) -> dict:
-    """A dataset as a dict: from YAML, or `task:annotations:media_root` on the command line."""
+    """A dataset as a dict: from YAML, or `task:annotations:media_root` on the command line (the task may itself
+    be an import path `module:Class`, so the last two colons split)."""
     if isinstance(entry, str):
-        parts = entry.split(":")
+        parts = entry.rsplit(":", 2)
         if len(parts) != 3:
             raise ConfigError(f"--{key}: {entry!r} is not task:annotations:media_root")
         entry = dict(zip(("task", "annotations", "media_root"), parts))
@@ -334,6 +346,9 @@ def _validate(cfg: TrainConfig):
         (0 <= g.epsilon_low < 1 and g.epsilon_high >= 0, "grpo.epsilon_low must be in [0, 1), epsilon_high >= 0"),
         (g.delta is None or g.delta > 1 + g.epsilon_high, "grpo.delta must exceed 1 + epsilon_high"),
         (g.num_iterations >= 1, "grpo.num_iterations must be >= 1"),
+        (g.tis_cap is None or g.tis_cap > 0, "grpo.tis_cap must be > 0 or unset"),
+        (g.max_sampling_rounds >= 1, "grpo.max_sampling_rounds must be >= 1"),
+        (0 <= g.overlong_buffer < g.max_completion_length, "grpo.overlong_buffer must be in [0, max_completion_len)"),
         (cfg.prompts_per_step >= 1 and cfg.grad_accum >= 1, "prompts_per_step and grad_accum must be >= 1"),
         (cfg.sft.steps >= 0 and cfg.sft.batch_size >= 1, "sft.steps must be >= 0 and sft.batch_size >= 1"),
         (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps must be >= 1 or unset"),

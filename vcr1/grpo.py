@@ -26,7 +26,7 @@ from vcr1.loss import group_advantages
 from vcr1.packing import completion_hidden
 from vcr1.rewards import total_reward
 from vcr1.tasks import get_task
-from vcr1_kernels import grpo_loss, token_logprobs
+from vcr1_kernels import grpo_loss_from_logprobs, token_logprobs
 
 log = logging.getLogger("vcr1")
 
@@ -63,6 +63,7 @@ class Groups:
     # per prompt: a tuple of G 1-D fp32 tensors, the log-prob of each completion token under the distribution
     # it was sampled from (vcr1.rollout.Completion.logprobs), aligned with `completions`
     rollout_logprobs: tuple | None = None
+    truncated: tuple | None = None  # per prompt: a tuple of G bools, whether a completion hit the length limit
     rewards: torch.Tensor | None = None  # [B·G]
     advantages: torch.Tensor | None = None  # [B·G]
     old_logprobs: torch.Tensor | None = None  # [tokens], when μ > 1
@@ -101,13 +102,17 @@ def rollout_groups(model, examples: list, grpo_cfg, *, stop_ids: list[int], seed
                        top_k=grpo_cfg.top_k, top_p=grpo_cfg.top_p, eos_token_id=stop_ids, seed=seed)
     model.train()
     return Groups(tuple(examples), tuple(tuple(c.token_ids.cpu() for c in group) for group in out),
-                  rollout_logprobs=tuple(tuple(c.logprobs.cpu() for c in group) for group in out))
+                  rollout_logprobs=tuple(tuple(c.logprobs.cpu() for c in group) for group in out),
+                  truncated=tuple(tuple(c.finish_reason == "length" for c in group) for group in out))
 
 
 def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
     """Rule-based rewards of every completion. A group whose reward throws (a bug, or a solution that got
     past validation) is left out of the loss and counted; when none is left the micro-batch keeps all
-    its groups at weight 0, so this process still runs the same passes as the others."""
+    its groups at weight 0, so this process still runs the same passes as the others.
+
+    With `grpo_cfg.overlong_buffer` L, each completion also gets DAPO's soft length penalty (component
+    `overlong`): 0 up to max_completion_length - L tokens, then falling linearly to -1 at the limit."""
     keep, rewards, components, samples = [], [], {}, []
     for i, (ex, group) in enumerate(zip(groups.examples, groups.completions)):
         task = ex.sample.task
@@ -117,6 +122,9 @@ def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
         except Exception as e:  # a reward must not end the run
             log.warning("reward failed on %s: %r; group left out of the loss", ex.sample.uid, e)
             continue
+        if grpo_cfg.overlong_buffer:
+            parts = [{**p, "overlong": overlong_penalty(len(c), grpo_cfg.max_completion_length,
+                                                        grpo_cfg.overlong_buffer)} for p, c in zip(parts, group)]
         totals = [total_reward(p, grpo_cfg.reward_weights) for p in parts]
         keep.append(i)
         rewards += totals
@@ -130,11 +138,86 @@ def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
     if not keep:
         n = sum(len(group) for group in groups.completions)
         return Scored(dataclasses.replace(groups, rewards=torch.zeros(n), weight=0.0), components, failed, samples)
-    logprobs = groups.rollout_logprobs
-    kept = Groups(tuple(groups.examples[i] for i in keep), tuple(groups.completions[i] for i in keep),
-                  rollout_logprobs=None if logprobs is None else tuple(logprobs[i] for i in keep),
-                  rewards=torch.tensor(rewards, dtype=torch.float32))
+    kept = dataclasses.replace(select_groups(groups, keep), rewards=torch.tensor(rewards, dtype=torch.float32))
     return Scored(kept, components, failed, samples)
+
+
+def overlong_penalty(length: int, limit: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 up to limit - buffer tokens, then linear down to -1 at the limit."""
+    return min(0.0, (limit - buffer - length) / buffer) if length <= limit else -1.0
+
+
+def select_groups(groups: Groups, keep: list[int]) -> Groups:
+    """The batch of the groups numbered `keep` (before advantages and log-probs exist)."""
+    def pick(field):
+        return None if field is None else tuple(field[i] for i in keep)
+
+    rewards = None
+    if groups.rewards is not None:
+        rows = groups.rewards.view(len(groups.examples), -1) if groups.examples else groups.rewards.view(0, 1)
+        rewards = rows[list(keep)].reshape(-1)
+    return dataclasses.replace(groups, examples=pick(groups.examples), completions=pick(groups.completions),
+                               rollout_logprobs=pick(groups.rollout_logprobs), truncated=pick(groups.truncated),
+                               rewards=rewards)
+
+
+def uniform_groups(groups: Groups) -> list[bool]:
+    """Per group: whether its G rewards are all equal, so its advantages are all zero and it trains nothing
+    (every group of a batch none of whose rewards could be computed counts as uniform)."""
+    if not groups.weight or not groups.examples:
+        return [True] * len(groups.examples)
+    rows = groups.rewards.view(len(groups.examples), -1)
+    return (rows == rows[:, :1]).all(dim=1).tolist()
+
+
+def regroup(pool: list[Groups], micro_batches: int, want: int, filler: Groups) -> list[Groups]:
+    """Dynamic sampling's step: the first `want` groups of `pool` in `micro_batches` batches of nearly equal
+    size. A batch left with no group is `filler` at weight 0, so every process still runs every pass."""
+    parts = [(g, i) for g in pool for i in range(len(g.examples))][:want]
+    out, start = [], 0
+    for m in range(micro_batches):
+        size = len(parts) // micro_batches + (m < len(parts) % micro_batches)
+        chunk, start = parts[start:start + size], start + size
+        if not chunk:
+            out.append(dataclasses.replace(filler, weight=0.0))
+            continue
+        pieces = [select_groups(g, [i]) for g, i in chunk]
+        out.append(dataclasses.replace(
+            pieces[0], **{f: _concat([getattr(p, f) for p in pieces])
+                          for f in ("examples", "completions", "rollout_logprobs", "truncated", "rewards")}))
+    return out
+
+
+def _concat(values):
+    if values[0] is None:
+        return None
+    return torch.cat(values) if isinstance(values[0], torch.Tensor) else sum(values, ())
+
+
+def without_truncated(groups: Groups) -> Groups:
+    """The batch without the completions that hit the length limit (`--grpo.mask_truncated`, DAPO's
+    overlong filtering): they take no part in the loss, after they took part in their group's advantages.
+    When none is left, the batch stays whole at weight 0 (a zero loss, the same passes)."""
+    if not groups.weight or not any(t for group in groups.truncated for t in group):
+        return groups
+    rows, examples, completions, logprobs, flags = [], [], [], [], []
+    start = 0
+    for p, group in enumerate(groups.completions):
+        kept = [k for k, t in enumerate(groups.truncated[p]) if not t]
+        rows += [start + k for k in kept]
+        start += len(group)
+        if kept:
+            examples.append(groups.examples[p])
+            completions.append(tuple(group[k] for k in kept))
+            logprobs.append(tuple(groups.rollout_logprobs[p][k] for k in kept) if groups.rollout_logprobs else None)
+            flags.append(tuple(False for _ in kept))
+    if not rows:
+        return dataclasses.replace(groups, advantages=groups.advantages * 0, weight=0.0)
+    index = torch.tensor(rows)
+    return dataclasses.replace(
+        groups, examples=tuple(examples), completions=tuple(completions), truncated=tuple(flags),
+        rollout_logprobs=tuple(logprobs) if groups.rollout_logprobs else None,
+        rewards=groups.rewards[index], advantages=groups.advantages[index])
 
 
 def with_advantages(groups: Groups, grpo_cfg, batch_std: torch.Tensor | None = None) -> Groups:
@@ -163,12 +246,40 @@ def with_logprobs(groups: Groups, grpo_cfg, fwd: ForwardOptions, *, old=None, re
 
 def policy_loss(model, groups: Groups, grpo_cfg, fwd: ForwardOptions, *, normalizer=None, scale: float = 1.0):
     """The clipped, KL-regularised GRPO loss of the batch under the current policy, times `scale` (the
-    trainer's correction for how DeepSpeed averages); (loss, detached stats kl / clip_ratio / entropy)."""
+    trainer's correction for how DeepSpeed averages); (loss, detached stats kl / clip_ratio / entropy, and
+    with the rollout engine's log-probs `logprob_gap/*` (see `logprob_gap`) and, with TIS, tis_weight)."""
     hidden, targets, cu = fwd.hidden(model, groups.inputs, groups.completions)
+    rollout_logprobs = None
+    if groups.rollout_logprobs is not None:
+        rollout_logprobs = torch.cat([lp for group in groups.rollout_logprobs for lp in group]).to(hidden.device)
     loss, stats = fwd.head(
-        model, hidden, grpo_loss, targets=targets, cu_seqlens=cu, advantages=groups.advantages.to(hidden.device),
-        old_logprobs=groups.old_logprobs, ref_logprobs=groups.ref_logprobs, beta=grpo_cfg.beta,
-        epsilon_low=grpo_cfg.epsilon_low, epsilon_high=grpo_cfg.epsilon_high, delta=grpo_cfg.delta,
-        temperature=grpo_cfg.temperature, loss_type=grpo_cfg.loss_type,
-        max_completion_length=grpo_cfg.max_completion_length, normalizer=normalizer)
+        model, hidden, _loss_and_gap, targets=targets, cu_seqlens=cu, advantages=groups.advantages.to(hidden.device),
+        old_logprobs=groups.old_logprobs, ref_logprobs=groups.ref_logprobs, rollout_logprobs=rollout_logprobs,
+        tis_cap=grpo_cfg.tis_cap, beta=grpo_cfg.beta, epsilon_low=grpo_cfg.epsilon_low,
+        epsilon_high=grpo_cfg.epsilon_high, delta=grpo_cfg.delta, temperature=grpo_cfg.temperature,
+        loss_type=grpo_cfg.loss_type, max_completion_length=grpo_cfg.max_completion_length, normalizer=normalizer,
+        importance_sampling_level=grpo_cfg.importance_sampling_level)
     return loss * (scale * groups.weight), stats
+
+
+def _loss_and_gap(hidden, weight, *, targets, temperature, backend, check_values, rollout_logprobs, tis_cap,
+                  old_logprobs, **loss_kw):
+    """`vcr1_kernels.grpo_loss` (token log-probs, then the loss on them), which also measures the rollout
+    engine's log-probs against the trainer's π_old (the old log-probs when given, else these) and, with
+    `tis_cap`, weighs each token by their ratio (truncated importance sampling)."""
+    logp, entropy = token_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True,
+                                   backend=backend, check_values=check_values)
+    tis = dict(rollout_logprobs=rollout_logprobs, tis_cap=tis_cap) if tis_cap is not None else {}
+    loss, stats = grpo_loss_from_logprobs(logp, old_logprobs=old_logprobs, entropy=entropy,
+                                          check_values=check_values, **tis, **loss_kw)
+    if rollout_logprobs is not None and rollout_logprobs.numel():
+        stats.update(logprob_gap(logp.detach() if old_logprobs is None else old_logprobs, rollout_logprobs))
+    return loss, stats
+
+
+def logprob_gap(trainer: torch.Tensor, rollout: torch.Tensor) -> dict:
+    """How far the rollout engine's log-probs of the sampled tokens are from the trainer's: the mean and the
+    largest absolute difference, and the k3 estimate of KL(rollout || trainer) on the rollout's samples."""
+    diff = trainer.float() - rollout.float()
+    return {"logprob_gap/mean_abs": diff.abs().mean(), "logprob_gap/max": diff.abs().max(),
+            "logprob_gap/kl": (diff.exp() - diff - 1).mean()}

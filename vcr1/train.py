@@ -192,19 +192,43 @@ class Trainer:
         """One GRPO step: sample G completions per prompt, score them, turn rewards into group-relative
         advantages, take π_old / π_ref log-probs, then μ updates of the clipped policy loss."""
         cfg, grpo_cfg = self.cfg, self.cfg.grpo
-        with self.phase("data"):
-            draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
-        with self.phase("rollout"), distributed.generation_weights(self.engine, cfg.engine.zero_stage):
-            rolled = [grpo.rollout_groups(self.model, examples, grpo_cfg, stop_ids=self.stop_ids,
-                                          fast=cfg.engine.fast_rollout,
-                                          seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
-                      for micro, examples in enumerate(draws)]
-        with self.phase("rewards"):
-            scored = [grpo.score_groups(groups, self.tokenizer, grpo_cfg, think=cfg.data.think) for groups in rolled]
+        want = cfg.prompts_per_step * cfg.grad_accum  # groups per step on this process
+        scored, pool, rounds = [], [], 0
+        while True:  # one round, or with dynamic sampling until every process holds `want` informative groups
+            rounds += 1
+            with self.phase("data"):
+                draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
+            with self.phase("rollout"), distributed.generation_weights(self.engine, cfg.engine.zero_stage):
+                first = (rounds - 1) * cfg.grad_accum
+                rolled = [grpo.rollout_groups(self.model, examples, grpo_cfg, stop_ids=self.stop_ids,
+                                              fast=cfg.engine.fast_rollout,
+                                              seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
+                          for micro, examples in enumerate(draws, start=first)]
+            with self.phase("rewards"):
+                new = [grpo.score_groups(groups, self.tokenizer, grpo_cfg, think=cfg.data.think) for groups in rolled]
+            scored += new
+            for s in new:
+                for ex, uniform in zip(s.groups.examples, grpo.uniform_groups(s.groups)):
+                    tally.mean(f"sampling/{ex.sample.task}/all_equal", [float(uniform)])
+            if not grpo_cfg.dynamic_sampling:
+                pool = [s.groups for s in new]
+                break
+            for s in new:  # only groups whose rewards differ train anything
+                keep = [i for i, uniform in enumerate(grpo.uniform_groups(s.groups)) if not uniform]
+                tally.total("sampling/dropped_groups", len(s.groups.examples) - len(keep))
+                pool.append(grpo.select_groups(s.groups, keep))
+            # The decision is global: every process must run as many rounds (ZeRO-3 gathers in each).
+            (short,) = distributed.any_process(sum(len(g.examples) for g in pool) < want)
+            if not short or rounds == grpo_cfg.max_sampling_rounds:
+                pool = grpo.regroup(pool, cfg.grad_accum, want, filler=new[-1].groups)
+                tally.mean("sampling/rounds", [rounds])
+                break
         self.skipped["reward"] += sum(s.failed for s in scored)
 
-        batch_std = self._batch_std([s.groups for s in scored]) if grpo_cfg.scale_rewards == "batch" else None
-        batches = [grpo.with_advantages(s.groups, grpo_cfg, batch_std) for s in scored]
+        batch_std = self._batch_std(pool) if grpo_cfg.scale_rewards == "batch" else None
+        batches = [grpo.with_advantages(groups, grpo_cfg, batch_std) for groups in pool]
+        if grpo_cfg.mask_truncated:
+            batches = [grpo.without_truncated(b) for b in batches]
         old = self.model if grpo_cfg.num_iterations > 1 else None  # μ = 1 is on-policy: π_old is the policy itself
         with self.phase("ref+old_logprobs"):
             batches = [grpo.with_logprobs(b, grpo_cfg, self.fwd, old=old, ref=self.ref) for b in batches]
@@ -215,7 +239,7 @@ class Trainer:
             # averages gradients over both, which `scale` undoes.
             normalizer = distributed.sum_floats([sum(sum(b.lengths) for b in batches if b.weight)])[0] or 1.0
             scale = self.world * cfg.grad_accum
-        for _ in range(grpo_cfg.num_iterations):
+        for iteration in range(grpo_cfg.num_iterations):
             for b in batches:
                 with self.phase("policy/forward"):
                     loss, stats = grpo.policy_loss(self.model, b, grpo_cfg, self.fwd, normalizer=normalizer,
@@ -223,18 +247,23 @@ class Trainer:
                 self._backward_and_step(loss)
                 for key, value in (("loss", loss.detach()), *((k, stats[k]) for k in ("kl", "clip_ratio", "entropy"))):
                     tally.mean(key, [value] if b.weight else [])  # a step of unscorable groups logs None
+                if iteration == 0 and b.weight:  # π_old is the policy of the first iteration
+                    for key in ("logprob_gap/mean_abs", "logprob_gap/kl", "tis_weight", "logprob_gap/max"):
+                        if key in stats:
+                            (tally.max if key.endswith("/max") else tally.mean)(key, [stats[key]])
 
         for s in scored:
             for key, values in s.components.items():
                 tally.mean(key, values)
             tally.mean("reward", s.groups.rewards.tolist() if s.groups.weight else [])
             tally.mean("completion_length", s.groups.lengths)
+            tally.mean("truncated", [float(t) for group in s.groups.truncated or () for t in group])
         tally.total("tokens", sum(b.prompt_tokens + sum(b.lengths) for b in batches))
         return [sample for s in scored for sample in s.samples][:4]
 
     def _batch_std(self, batches: list) -> torch.Tensor:
         """Std of the step's rewards over every process (scale_rewards batch)."""
-        local = torch.cat([b.rewards for b in batches if b.weight] or [torch.zeros(0)])
+        local = torch.cat([b.rewards for b in batches if b.weight and b.rewards is not None] or [torch.zeros(0)])
         rewards = torch.cat(distributed.all_gather_objects(local))
         return rewards.std() if rewards.numel() > 1 else torch.tensor(0.0)
 
@@ -355,11 +384,16 @@ class Trainer:
 
 
 class Tally:
-    """A step's metrics on this process - means of values, sums of totals - reduced over every process
+    """A step's metrics on this process - means of values, maxima, sums of totals - reduced over every process
     in one collective (`reduce`), so each logged number covers the whole step, not one process's share."""
 
     def __init__(self):
         self.sums, self.counts, self.totals = defaultdict(float), defaultdict(int), defaultdict(float)
+        self.maxima: dict[str, float | None] = {}
+
+    def max(self, key: str, values):
+        found = [float(v) for v in values] + ([] if self.maxima.get(key) is None else [self.maxima[key]])
+        self.maxima[key] = max(found) if found else None
 
     def mean(self, key: str, values):
         self.counts[key] += len(values)
@@ -369,17 +403,19 @@ class Tally:
         self.totals[key] += float(value)
 
     def reduce(self) -> dict:
-        sums, counts, totals = defaultdict(float), defaultdict(int), defaultdict(float)
-        for part_sums, part_counts, part_totals in distributed.all_gather_objects(
-                (dict(self.sums), dict(self.counts), dict(self.totals))):
+        sums, counts, totals, maxima = defaultdict(float), defaultdict(int), defaultdict(float), {}
+        for part_sums, part_counts, part_totals, part_maxima in distributed.all_gather_objects(
+                (dict(self.sums), dict(self.counts), dict(self.totals), self.maxima)):
             for k, v in part_sums.items():
                 sums[k] += v
             for k, v in part_counts.items():
                 counts[k] += v
             for k, v in part_totals.items():
                 totals[k] += v
+            for k, v in part_maxima.items():
+                maxima[k] = v if maxima.get(k) is None else maxima[k] if v is None else max(v, maxima[k])
         means = {k: sums[k] / counts[k] if counts[k] else None for k in sorted(counts)}
-        return {**means, **dict(sorted(totals.items()))}
+        return {**means, **dict(sorted(maxima.items())), **dict(sorted(totals.items()))}
 
 
 class StopSignals:

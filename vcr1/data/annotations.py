@@ -160,7 +160,7 @@ def load_annotations(task: str | Task | None, path: str | Path, media_root: str 
         raise ValueError(f"unknown annotation format {fmt!r} (expected one of {', '.join(format_names())})")
     reader = None if fmt == JSONL else annotation_formats()[fmt]
     if reader is not None:
-        if task is not None and task.name not in reader.tasks:
+        if task is not None and fmt not in {f.name for f in task.formats}:
             raise ValueError(f"format {fmt!r} holds {'/'.join(reader.tasks)} samples, not {task.name!r}")
         task = task or get_task(reader.tasks[0])
     samples, skipped, seen = [], 0, set()

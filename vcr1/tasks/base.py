@@ -80,7 +80,8 @@ class Task:
 
 
 class AnnotationFormat:
-    """A JSON annotation file layout (the real datasets'), read into Samples of one of its `tasks`.
+    """A JSON annotation file layout (the real datasets'), read into Samples of a task that lists it in its
+    `formats`; `tasks` names the built-in ones (the first is the default of a file loaded without a task).
 
     container: dict (entries keyed by an id) or list. `parse` raises KeyError/TypeError/ValueError/IndexError
     on a malformed entry, which the loader then skips and counts.
