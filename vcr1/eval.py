@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from vcr1 import metrics
-from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, DataConfig, VideoConfig, unrunnable_here
+from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, DataConfig, VideoConfig
 from vcr1.data.annotations import FORMATS
 from vcr1.prompts import TASKS
 
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.media_root is None:
             parser.error("--annotations needs --media_root")
         args.dtype = args.dtype or ("fp32" if args.model is None else "bf16")
+        from vcr1.preflight import unrunnable_here
+
         if problem := unrunnable_here(args.attn, args.dtype, args.decode_device):
             parser.error(problem)
         rank, world, device = _processes()

@@ -1,8 +1,10 @@
-"""vcr1 training: `torchrun vcr1/train.py [--model DIR --data ...]`.
+"""vcr1 training: `torchrun vcr1/train.py [--config RECIPE.yaml] [--key value ...] [--dry_run]`.
 
-With no arguments: the tiny embedded Qwen2.5-VL on the synthetic video set — a short supervised
-warm-up (so the random model learns the answer format), then GRPO. With `--model` and `--data`: GRPO
-of a local Qwen2.5-VL with the paper's hyperparameters. `--help` lists every option.
+A run reads one recipe (configs/): without --config, configs/tiny.yaml, the tiny embedded Qwen2.5-VL on the
+synthetic video set, GRPO from vcr1's shipped warm start; `--config configs/videochat_r1_7b.yaml` is the
+paper's run of a local Qwen2.5-VL. Flags override the recipe; `--help` lists every option with the value
+the run would use. `--dry_run` checks everything the run needs (vcr1/preflight.py, which every run also
+checks before it builds a model) and prints the resolved config and the planned steps.
 
 A GRPO step: draw prompts, decode each video once, sample G completions per prompt, score them with
 the rule-based rewards, turn rewards into group-relative advantages, and take μ policy updates of the
@@ -37,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, grpo
+from vcr1 import checkpoint, grpo, preflight
 from vcr1 import engine as eng
-from vcr1.config import ConfigError, parse_config, to_dict
+from vcr1.config import ConfigError, parse_cli, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
@@ -47,9 +49,11 @@ from vcr1.metrics import blind_answers
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
 from vcr1.packing import completion_hidden
-from vcr1_kernels import token_logprobs
+from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES, token_logprobs
 
 log = logging.getLogger("vcr1")
+# Values of options defined by the kernels package (their one home), listed by --help and checked by the parser.
+CHOICES = {"grpo.loss_type": LOSS_TYPES, "engine.loss_backend": LM_HEAD_BACKENDS}
 
 
 class Trainer:
@@ -164,12 +168,7 @@ class Trainer:
         self.sft_stream = PromptStream(self.train_samples, seed=cfg.seed + 1, **stream)
 
     def _grpo_steps(self) -> int:
-        cfg = self.cfg
-        if "grpo" not in cfg.stage:
-            return 0
-        per_step = cfg.prompts_per_step * cfg.grad_accum
-        steps = cfg.epochs * len(self.stream) // per_step
-        return max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
+        return preflight.planned_grpo_steps(self.cfg, len(self.stream))
 
     # ---- the two kinds of step ---------------------------------------------------------------------
     def sft_step(self, tally: Tally):
@@ -433,13 +432,26 @@ def _yaml(tree: dict) -> str:
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("VCR1_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = parse_config(argv)
+        cfg, cli = parse_cli(argv, choices=CHOICES)
     except ConfigError as e:
         print(f"vcr1: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    # Every check before any model is built; under torchrun every process checks and exits alike, rank 0 prints.
+    report = preflight.check(cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0 and cli["dry_run"]:
+        print(f"# vcr1 --dry_run: the resolved config ({cli['config']}, then flags)\n" + _yaml(to_dict(cfg)) +
+              "# the plan (world_size: $WORLD_SIZE)\n" + _yaml({"plan": report.plan}), end="", flush=True)
+    if rank0:
+        for line in [f"warning: {w}" for w in report.warnings] + report.problems:
+            print(f"vcr1: {line}", file=sys.stderr)
+    if report.problems:
+        sys.exit(2)
+    if cli["dry_run"]:
+        sys.exit(0)
     try:
         trainer = Trainer(cfg)
-    except (FileNotFoundError, FileExistsError) as e:  # --resume true with no checkpoint; false over one
+    except (FileNotFoundError, FileExistsError, ConfigError) as e:  # e.g. --resume true with no checkpoint
         print(f"vcr1: {e}", file=sys.stderr)
         sys.exit(2)
     trainer.run()

@@ -23,6 +23,14 @@ import tempfile
 from pathlib import Path
 
 WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
+SHIPPED = "warm_start"  # the value of --model.init that names WARM_START (configs/tiny.yaml's)
+
+
+def init_file(init: str | None) -> Path | None:
+    """The weights file a --model.init value names: WARM_START for `warm_start`, None for unset/none."""
+    if init is None:
+        return None
+    return WARM_START if init == SHIPPED else Path(init)
 # --optim.lr: the warm-up's rate is optim.lr × (sft.lr / optim.lr), whose last bit depends on optim.lr; the
 # file was built with 3e-4, so the recipe pins it (the default's GRPO rate is 1e-4). --data.reshuffle: the
 # warm-up's ~13 passes each take a new order, as they did before the default run kept one.
