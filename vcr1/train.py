@@ -94,6 +94,7 @@ class Trainer:
         self.skipped = {"reward": 0}  # this process's failed reward groups, summed over processes when logged
         self.run_id = checkpoint.new_run_id()
         self._ref_synced = False
+        self.clock = StepClock()  # restarted when the training loop starts
 
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -103,7 +104,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(_yaml(to_dict(cfg)))
         self.monitor.progress(
             f"vcr1: {'tiny embedded default' if cfg.model.path is None else cfg.model.path} | "
-            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params | {self.world} process(es) | "
+            f"{_param_summary(self.model.parameters())} | {self.world} process(es) | "
             f"ZeRO-{cfg.engine.zero_stage} | {len(self.train_samples)} train examples "
             f"({self.skipped_annotations} malformed skipped) | output {self.out}")
         if self.resume_from is not None:
@@ -255,6 +256,7 @@ class Trainer:
         last_save = time.monotonic()
         if self.step == 0 and self._eval_due(-self.sft_steps, total):  # GRPO from the loaded model
             self.evaluate()
+        self.clock = StepClock()
         with StopSignals() as signals:
             while self.step < total:
                 self.stage = "sft" if self.step < self.sft_steps else "grpo"
@@ -263,7 +265,9 @@ class Trainer:
                 t0, tally = time.perf_counter(), Tally()
                 samples = self.sft_step(tally) if self.stage == "sft" else self.grpo_step(tally)
                 self.step += 1
-                row = self._log_step(tally, samples, time.perf_counter() - t0, total)
+                seconds = time.perf_counter() - t0
+                self.clock.stepped(seconds)
+                row = self._log_step(tally, samples, seconds, total)
                 grpo_step = self.step - self.sft_steps
                 if self._eval_due(grpo_step, total):
                     self.evaluate()
@@ -313,7 +317,7 @@ class Trainer:
         if samples and (self.step - self.sft_steps) % self.cfg.samples_every in (0, 1):
             self.monitor.log_samples(self.step, samples)
         if self.step % self.cfg.log_every == 0 or self.step == total:
-            self.monitor.progress(_progress_line(row, total))
+            self.monitor.progress(_progress_line(row, total, *self.clock.times(self.step, total)))
         return row
 
     def evaluate(self):
@@ -414,13 +418,56 @@ def _float(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _progress_line(row: dict, total: int) -> str:
+class StepClock:
+    """Wall time since the training loop started and the mean time of its steps, for the progress line's
+    elapsed time and ETA (evaluations and checkpoints count in the elapsed time, not in the ETA)."""
+
+    def __init__(self):
+        self.start, self.seconds, self.steps = time.monotonic(), 0.0, 0
+
+    def stepped(self, seconds: float):
+        self.seconds += seconds
+        self.steps += 1
+
+    def times(self, step: int, total: int) -> tuple[float, float | None]:
+        """(seconds since the loop started, estimated seconds to the end of the run)."""
+        mean = self.seconds / self.steps if self.steps else None
+        return time.monotonic() - self.start, None if mean is None else mean * max(total - step, 0)
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _progress_line(row: dict, total: int, elapsed: float | None = None, eta: float | None = None) -> str:
     parts = [f"{row['stage']} step {row['step']}/{total}"]
     for key in ("loss", "reward", "kl", "completion_length", "step_time"):
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:.4g}")
     parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    if elapsed is not None:
+        parts.append(f"elapsed {_duration(elapsed)}")
+    if eta is not None:
+        parts.append(f"ETA {_duration(eta)}")
     return " | ".join(parts)
+
+
+def _param_counts(params) -> tuple[int, int]:
+    """(all parameters, trainable ones): full sizes also under ZeRO-3, whose partitioned parameters hold a
+    shard (numel() 0 or a slice) and carry their full size in `ds_numel`."""
+    total = trainable = 0
+    for p in params:
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def _param_summary(params) -> str:
+    total, trainable = _param_counts(params)
+    return f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
 
 
 def _yaml(tree: dict) -> str:
