@@ -346,7 +346,8 @@ class Trainer:
                                    zero_stage=self.cfg.engine.zero_stage, rank=self.rank,
                                    trainer_state={"step": self.step}, rank_state=rank_state,
                                    model_src=self.cfg.model.path, run_id=self.run_id,
-                                   keep=self.cfg.keep_checkpoints, protect=self.sft_steps)
+                                   keep=self.cfg.keep_checkpoints, protect=self.sft_steps,
+                                   run_config=to_dict(self.cfg))
         self.monitor.progress(f"checkpoint {path}")
 
     def _restore(self, path: Path):
