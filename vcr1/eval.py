@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cfg, run_file = load_run_config(args.model)
     except ConfigError as e:
-        parser.error(f"--model {args.model}: its {e}")
+        parser.error(f"--model {args.model}: cannot read its run config: {e}")
     held_out = args.annotations is None and run_cfg is not None
     generating = held_out or args.annotations is not None
     if not held_out and (args.task is None or args.predictions is None):
