@@ -67,7 +67,10 @@ def trainer_args(root: Path, path: str) -> list[str]:
             "--grpo.max_completion_length", str(SHAPE["completion"]),
             "--data", f"tg:{data['tg']['annotations']}:{data['tg']['media_root']}", *PATHS[path]]
     if DEVICE == "cuda":
-        args += ["--model", str(seven_b_checkpoint(root)), "--engine.zero_stage", "0", "--engine.offload", "false"]
+        # The paper's defaults under the overrides (an empty recipe), not configs/tiny.yaml's tiny-model settings.
+        (root / "paper.yaml").write_text("{}\n")
+        args += ["--config", str(root / "paper.yaml"), "--model", str(seven_b_checkpoint(root)),
+                 "--engine.zero_stage", "0", "--engine.offload", "false"]
     return args
 
 

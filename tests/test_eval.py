@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vcr1.data.annotations import load_annotations
 from vcr1.data.sample import Sample
@@ -260,3 +261,37 @@ def test_evaluate_skips_and_counts_bad_items(synthetic, monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("reversed" in m and "start is after end" in m for m in messages), messages
     assert any("no-event" in m and "lack 'event'" in m for m in messages), messages
+
+
+# --------------------------------------------------------------- a checkpoint with its run's settings
+
+def test_a_checkpoint_is_evaluated_as_its_run_evaluated_it(tmp_path):
+    """`python -m vcr1.eval --model CKPT` with no setting flag answers the run's own held-out set with the run's
+    prompt, video, length and batch settings (the checkpoint's vcr1_config.yaml): its metrics are the run's
+    final eval row, exactly. A setting flag overrides that one setting, and says so."""
+    from vcr1.distributed import standalone_env
+
+    out = tmp_path / "run"
+    train = [sys.executable, str(REPO / "vcr1/train.py"), "--max_steps", "2", "--data.synthetic_train", "4",
+             "--data.synthetic_test", "3", "--eval_limit", "9", "--eval_before_after", "true",
+             "--output_dir", str(out)]
+    run = subprocess.run(train, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=standalone_env(OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["stage"] == "eval"][-1]
+    expected = {k: v for k, v in final.items() if k.startswith("eval/")}
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    saved = yaml.safe_load((ckpt / "vcr1_config.yaml").read_text())
+    assert saved["eval_limit"] == 9 and saved["data"]["synthetic_test"] == 3 and saved["data"]["think"] is False
+
+    result, err = run_eval("--model", ckpt)
+    assert result == expected and final["eval/tg/n"] == 3
+    assert "think=False max_new_tokens=200 batch_size=48 dtype=fp32 attn=sdpa fps=2.0 min_frames=4 max_frames=16 " \
+        "min_pixels=3136 max_pixels=12544 total_pixels=200704 decode_device=auto" in err
+    assert f"settings from the run config {ckpt / 'vcr1_config.yaml'}; overridden by flags: none" in err
+    assert len((ckpt / "eval_predictions.jsonl").read_text().splitlines()) == 9
+
+    shorter, err = run_eval("--model", ckpt, "--max_new_tokens", "5", "--predictions", tmp_path / "p.jsonl")
+    assert "think=False max_new_tokens=5 batch_size=48 " in err and "overridden by flags: max_new_tokens" in err
+    assert set(shorter) == set(expected) and len((tmp_path / "p.jsonl").read_text().splitlines()) == 9

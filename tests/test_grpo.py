@@ -13,7 +13,9 @@ from vcr1.data.dataset import reference_tokens
 from vcr1.data.sample import Sample
 from vcr1.grpo import ForwardOptions
 from vcr1.model import END_OF_TURN, install_lm_head, load_model, load_tokenizer, stop_ids
+from vcr1.preflight import check
 from vcr1.tasks import get_task
+from vcr1.train import CHOICES
 
 REFERENCE_HEAD = ForwardOptions(head_backend="torch")
 
@@ -108,7 +110,11 @@ def test_forward_options_are_the_configs_engine_options():
     for backend in ("auto", *packing.ATTENTION_BACKENDS):
         assert parse_config(["--engine.attn_backend", backend]).engine.attn_backend == backend
     with pytest.raises(ConfigError, match="attn_backend"):
-        parse_config(["--engine.attn_backend", "xformers"])
+        parse_config(["--engine.attn_backend", "xformers"], choices=CHOICES)
+    assert any("attn_backend" in line for line in check(parse_config(["--engine.attn_backend", "xformers"])).problems)
+    if not torch.cuda.is_available():  # flex has no CPU backward: refused at start-up, not at the first step
+        flex = check(parse_config(["--engine.attn_backend", "flex"]))
+        assert any("attn_backend flex" in line for line in flex.problems)
     assert ForwardOptions.from_config(parse_config([])) == ForwardOptions(check_values=False)
     cfg = parse_config(["--engine.attn_backend", "torch", "--engine.loss_backend", "torch",
                         "--engine.shared_prefix", "false", "--engine.check_values", "true"])

@@ -467,3 +467,29 @@ def test_before_after_evaluation_is_logged_tabled_and_plotted(tmp_path, syntheti
     assert row("tracking AO")[-1] == f"{100 * sum(iou(boxes[0], b) for b in boxes) / len(boxes):.1f}"
     assert len(row("gqa acc")) == 5  # no blind column
     assert Image.open(out / "reward_curve.png").size[0] == 1200  # the second panel holds the comparison
+
+
+def test_progress_line_ends_with_elapsed_time_and_eta():
+    row = {"stage": "grpo", "step": 3, "loss": 0.5, "reward": 1.25, "kl": None, "completion_length": 40.0,
+           "step_time": 2.0, "tokens_per_s": 1234.4}
+    assert train._progress_line(row, 120, 75.0, 117 * 2.0) == (
+        "grpo step 3/120 | loss 0.5 | reward 1.25 | completion_length 40 | step_time 2 | 1234 tok/s | "
+        "elapsed 1:15 | ETA 3:54")
+    assert train._progress_line(row, 120, 3725.0, 0.0).endswith(" | 1234 tok/s | elapsed 1:02:05 | ETA 0:00")
+    # the ETA: the mean time of the steps this loop took (a resumed run's earlier steps are not timed here)
+    clock = train.StepClock()
+    clock.stepped(2.0)
+    clock.stepped(4.0)
+    elapsed, eta = clock.times(step=12, total=20)
+    assert eta == 3.0 * 8 and 0 <= elapsed < 60
+
+
+def test_parameter_count_is_full_size_under_zero3():
+    """ZeRO-3 partitions each parameter (numel() is this process's shard or 0) and keeps its size in ds_numel."""
+    trainable = torch.nn.Parameter(torch.zeros(3, 4))
+    frozen = torch.nn.Parameter(torch.zeros(1000), requires_grad=False)
+    partitioned = torch.nn.Parameter(torch.zeros(0))
+    partitioned.ds_numel = 2_500_000
+    assert train._param_counts([trainable, frozen, partitioned]) == (2_501_012, 2_500_012)
+    assert train._param_summary([trainable, frozen, partitioned]) == "2.50M params (2.50M trainable)"
+    assert train._param_summary([frozen, torch.nn.Parameter(torch.zeros(430_000))]) == "0.43M params (0.43M trainable)"

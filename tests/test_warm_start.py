@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 
 from vcr1.config import ConfigError, parse_config
 from vcr1.model import load_model, load_tokenizer
-from vcr1.tiny import build_tokenizer
-from vcr1.warm_start import STAGES, WARM_START, build, load_warm_start, tokenizer_fingerprint
+from vcr1.tiny import WARM_START, build_tokenizer, init_file, load_warm_start, tokenizer_fingerprint
+from vcr1.warm_start import STAGES, build
 
 # The stages, shortened: a few warm-up steps on a few examples each.
 SHORT = [(*stage, "--sft.steps", "3", "--sft.batch_size", "2", "--data.synthetic_train", "2",
@@ -55,9 +55,16 @@ def test_another_tokenizer_is_refused():
 
 
 def test_config_starts_the_embedded_default_from_the_warm_start(tmp_path):
-    assert parse_config([]).model.init == str(WARM_START)
+    """configs/tiny.yaml's `model.init: warm_start` names the shipped file; load_model resolves it."""
+    from vcr1.preflight import check
+
+    assert parse_config([]).model.init == "warm_start" and init_file("warm_start") == WARM_START
     assert parse_config(["--model.init", "none"]).model.init is None
-    with pytest.raises(ConfigError, match="no such file"):
-        parse_config(["--model.init", str(tmp_path / "missing.safetensors")])
+    assert not check(parse_config([])).problems
+    assert any("no such file" in p for p in check(parse_config(["--model.init", str(tmp_path / "x")])).problems)
     with pytest.raises(ConfigError, match="its own"):
         parse_config(["--model", str(tmp_path), "--model.init", str(WARM_START)])
+    tokenizer = load_tokenizer(None)
+    weights = load_file(str(WARM_START))
+    state = load_model(None, tokenizer, init="warm_start").state_dict()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)

@@ -1,8 +1,9 @@
 """Atomic, durable checkpoints: Hugging Face weights (+ tokenizer and processor files) that `from_pretrained`
 loads, plus the DeepSpeed engine state, every process's RNG and data position, and the trainer state,
-so `--resume` continues exactly. A checkpoint is written under a temporary name, flushed to disk and renamed
-when whole; `checkpoints/latest` names the newest. Each run has an id, stored in its checkpoints'
-trainer_state.json, so pruning removes only the run's own checkpoints.
+so `--resume` continues exactly, and the run's resolved config (`vcr1_config.yaml`: the data, prompt and
+generation settings `python -m vcr1.eval` evaluates it with). A checkpoint is written under a temporary name,
+flushed to disk and renamed when whole; `checkpoints/latest` names the newest. Each run has an id, stored in its
+checkpoints' trainer_state.json, so pruning removes only the run's own checkpoints.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from vcr1.distributed import barrier
 
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
                    "processor_config.json")
 ENGINE_TAG = "state"  # DeepSpeed's tag: the engine state lives in <checkpoint>/engine/state
+RUN_CONFIG = "vcr1_config.yaml"  # the resolved config of the run that wrote the checkpoint
 
 
 def fsync(path: Path):
@@ -70,8 +73,10 @@ def set_rng_state(state: dict):
 
 
 def save(out_dir: Path, step: int, *, engine, tokenizer, zero_stage: int, rank: int, trainer_state: dict,
-         rank_state: dict, model_src: str | None, run_id: str, keep: int, protect: int = 0) -> Path:
+         rank_state: dict, model_src: str | None, run_id: str, keep: int, protect: int = 0,
+         run_config: dict | None = None) -> Path:
     """Write checkpoint `step` of run `run_id`; every process calls it. Returns the final directory.
+    `run_config` (the run's resolved config as a dict) is saved as RUN_CONFIG beside the weights.
 
     Then prune this run's checkpoints to the newest `keep` (0 keeps all); the checkpoint of step `protect`
     (the end of the warm-up, which is π_ref) and other runs' checkpoints are never pruned. Only rank 0's
@@ -92,6 +97,8 @@ def save(out_dir: Path, step: int, *, engine, tokenizer, zero_stage: int, rank: 
             if model_src and (Path(model_src) / name).is_file():
                 shutil.copy2(Path(model_src) / name, tmp / name)
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "run_id": run_id}, indent=1))
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
     engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG)
     torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank{rank}.pt")
     barrier()
@@ -159,6 +166,12 @@ def find_checkpoint(out_dir: Path, *, required: bool = False) -> Path | None:
         raise FileNotFoundError(f"no checkpoint to resume from: {problem} "
                                 "(--resume auto starts fresh when there is none)")
     return None
+
+
+def run_config(path: Path) -> Path | None:
+    """The saved config of the run that wrote checkpoint `path`, when it has one."""
+    found = Path(path) / RUN_CONFIG
+    return found if found.is_file() else None
 
 
 def load(path: Path, *, engine, rank: int) -> tuple[dict, dict]:

@@ -1,9 +1,13 @@
-"""One typed config tree. Defaults are the paper's (spec §1–2); the embedded default (no --model) applies
-TINY_PRESET on top. Precedence: defaults < preset < YAML (--config) < --key value flags.
+"""One typed config tree. Defaults are the paper's (spec §1–2). A run reads one recipe file: `--config FILE`, or
+without it configs/tiny.yaml (the tiny embedded default). Precedence: defaults < the file < --key value flags.
+
+This module is a leaf: it imports no vcr1 module. Checks that need other modules, the data or this machine
+(tasks and annotation formats, loss types and LM-head backends, files, videos, the GPU) are vcr1/preflight.py's.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import sys
@@ -13,14 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from vcr1.warm_start import WARM_START
-from vcr1_kernels import LM_HEAD_BACKENDS, LOSS_TYPES
-
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("linear", "cosine", "constant")
 # HF attention implementations vcr1 runs. Not "eager": the packed forward replaces attention through
 # transformers' attention registry, which eager bypasses; sdpa is the exact reference.
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+# The recipe a run reads when --config is not given: the tiny embedded default.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 class ConfigError(ValueError):
@@ -36,18 +39,19 @@ def opt(default, help: str, choices=None):
 
 @dataclass
 class DatasetConfig:
-    task: str = opt("", "task of this dataset: a built-in name or module:Class (vcr1.tasks)")
+    task: str = opt("", "task of this dataset: a built-in name (tg, tracking, gqa, mcq) or module:Class")
     annotations: str = opt("", "annotation file (Charades/ActivityNet JSON, NExT-GQA JSON, GOT-10k JSON or JSONL)")
     media_root: str = opt("", "folder the annotation's video paths are relative to")
-    fmt: str | None = opt(None, "annotation format (auto-detected when unset)")
+    fmt: str | None = opt(None, "annotation format: charades, nextgqa, got10k or jsonl (auto-detected when unset)")
     limit: int | None = opt(None, "use at most this many examples")
 
 
 @dataclass
 class ModelConfig:
-    path: str | None = opt(None, "local Qwen2.5-VL checkpoint dir; unset = the tiny embedded default")
-    init: str | None = opt(None, "weights the tiny embedded model starts from (a file `python -m vcr1.warm_start` "
-                                 "writes); unset = random; the embedded default starts from vcr1's warm start")
+    path: str | None = opt(None, "local Qwen2.5-VL checkpoint dir; unset = the tiny embedded model")
+    init: str | None = opt(None, "weights the tiny embedded model starts from: warm_start = the file vcr1 ships "
+                                 "(vcr1/assets/warm_start.safetensors), or a file `python -m vcr1.warm_start` "
+                                 "writes; none = random")
     dtype: str = opt("bf16", "parameter/compute dtype", DTYPE_NAMES)
     attn: str = opt("sdpa", "attention implementation of the HF model", ATTN_IMPLEMENTATIONS)
     gradient_checkpointing: bool = opt(True, "recompute activations in backward")
@@ -92,12 +96,13 @@ class GRPOConfig:
     epsilon_low: float = opt(0.2, "lower clip of the ratio")
     epsilon_high: float = opt(0.2, "upper clip of the ratio")
     delta: float | None = opt(None, "two-sided clipping bound of the ratio (unset = off)")
-    loss_type: str = opt("grpo", "loss aggregation", LOSS_TYPES)
+    # Its values are vcr1_kernels.LOSS_TYPES: train.py hands them to the parser, vcr1/preflight.py checks them.
+    loss_type: str = opt("grpo", "loss aggregation")
     scale_rewards: str = opt("group", "advantage std: per group, per batch or none", ("group", "batch", "none"))
     num_iterations: int = opt(1, "mu: policy updates per rollout batch")
     reward_weights: dict = opt({}, "weight per reward component, e.g. {iou: 2.0}; missing = 1")
     importance_sampling_level: str = opt("token", "one importance ratio per token, or per completion: the "
-                                                  "exp of its mean log-ratio (GSPO)", ("token", "sequence"))
+                                                  "exp of its mean log-ratio (GSPO)")
     tis_cap: float | None = opt(None, "truncated importance sampling: weight each token's policy-gradient term "
                                       "by min(pi_old / pi_rollout, C), C this cap (unset = off)")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal and roll out more prompts "
@@ -134,14 +139,14 @@ class EngineConfig:
     offload: bool = opt(True, "ZeRO CPU offload of parameters (stage 3) and optimizer")
     fast_rollout: bool = opt(True, "vcr1's rollout engine; off = HF generate (the reference)")
     shared_prefix: bool = opt(True, "the video prompt once per group in packed forwards; off = repeated padded")
-    loss_backend: str = opt("auto", "LM-head kernels: triton, torch (reference) or auto", LM_HEAD_BACKENDS)
+    # Its values are vcr1_kernels.LM_HEAD_BACKENDS (as loss_type's are LOSS_TYPES).
+    loss_backend: str = opt("auto", "LM-head kernels: triton, torch (reference) or auto")
     nvtx: bool = opt(False, "emit NVTX ranges per phase (for nsys)")
     sync_timings: bool = opt(False, "synchronize the GPU after each phase so time/* charges GPU work to the "
                                     "phase that queued it (on with --engine.nvtx; a host sync per phase)")
     check_values: bool = opt(False, "check the values of the loss inputs on every call (token ids in range, "
                                     "sequence boundaries); each check is a host sync")
-    attn_backend: str = opt("auto", "packed attention kernel (vcr1/packing.py); auto: flex on CUDA, prefix on CPU",
-                            ("auto", "flex", "flash", "torch", "prefix", "sdpa"))
+    attn_backend: str = opt("auto", "packed attention kernel (vcr1/packing.py); auto: flex on CUDA, prefix on CPU")
 
 
 @dataclass
@@ -175,59 +180,6 @@ class TrainConfig:
                       ("auto", "true", "false"))
     seed: int = opt(0, "seed of data order, sampling and init")
     wandb: bool = opt(False, "also log to Weights & Biases")
-
-
-# The embedded default: small enough to finish in minutes on 2 CPU cores, and show learning. GRPO starts
-# from the shipped warm start (vcr1/warm_start.py); the sft.* values are its recipe's, for --sft.steps N.
-_TINY_TEST = 192  # held-out examples per task, all of them scored by both evaluations
-TINY_PRESET = {
-    "model.init": str(WARM_START),
-    "model.dtype": "fp32",
-    "model.gradient_checkpointing": False,
-    "data.think": False,
-    "data.interleave_tasks": True,
-    "data.video.max_frames": 16,
-    "data.video.total_pixels": 16 * 112 * 112,
-    "data.video.max_pixels": 112 * 112,
-    "data.video.min_pixels": 56 * 56,
-    # 96 training videos per task in one fixed order: 120 steps x 2 prompts per task are 2.5 passes, and steps
-    # 97-120 draw the prompts of steps 1-24, so the first and last fifths' rewards compare the same prompts.
-    # Drawn once each (240 videos), the fifths held different prompts, whose spread (gqa accuracy +-0.07 over
-    # 48 prompts) exceeded what GRPO changed: a task's reward fell on 2 seeds of 3 (README, GRPO against SFT).
-    "data.synthetic_train": 96,
-    "data.reshuffle": False,
-    "data.synthetic_test": _TINY_TEST,
-    "grpo.num_generations": 8,
-    "grpo.max_completion_length": 200,  # tracking answers are ~190 tokens
-    "sft.steps": 0,
-    "sft.lr": 2e-3,
-    "sft.batch_size": 8,
-    # From a converged warm start, 3e-4 with β 0.01 drifted off the held-out split (KL 0.15-0.22 at the end;
-    # gqa accuracy and tracking AO fell on seed 0); 1e-4 with the paper's β 0.04 stays near it (KL ~0.03).
-    "optim.lr": 1e-4,
-    "optim.scheduler": "constant",
-    # Below the paper's 1.0: this model's boxes sampled at 1.0 score far below its greedy ones (train IoU 0.20
-    # against held-out AO 31), so GRPO raised the samples' IoU while the greedy AO fell (31.3 -> 25.1, seed 2);
-    # nearer the greedy answer, what GRPO reinforces carries to it. Held-out tracking AO over seeds 0, 1, 2 with
-    # per-group std: -0.5/-1.1/+3.0 at 0.7, +1.8/-0.4/+0.3 at 0.5, +2.8/+1.9/+2.3 at 0.4; at 0.3 seed 1 fell 11.5.
-    "grpo.temperature": 0.4,
-    # Advantages divided by the std of the step's rewards, not each group's (the paper's): tracking's eight boxes
-    # sampled at 0.4 differ in IoU by a few hundredths, which a group's std blows up to advantages of +-1 on
-    # noise. Per group, tracking's held-out AO fell 3.2 on one of six runs (seed 1, two threads); per batch, a
-    # format failure (0/1) and a gqa answer still weigh fully, and all 40 held-out changes (seeds 0-4, one and
-    # two threads) improved.
-    "grpo.scale_rewards": "batch",
-    "engine.zero_stage": 0,
-    "engine.offload": False,
-    "prompts_per_step": 6,  # 2 prompts per task with interleave_tasks
-    "max_steps": 120,  # with both evaluations, within 8 minutes on 2 CPU cores
-    "epochs": 100,  # max_steps decides the length
-    "save_every": 60,
-    "eval_limit": 3 * _TINY_TEST,  # the whole held-out split of the three synthetic tasks
-    "eval_batch_size": 48,  # as many rows as a rollout decodes together
-    "eval_before_after": True,
-    "samples_every": 10,
-}
 
 
 def _fields(cls, prefix=""):
@@ -282,21 +234,36 @@ def _convert(key: str, value, tp):
         raise ConfigError(f"--{key}: {value!r} is not a valid {getattr(base, '__name__', base)}") from None
 
 
-def _set(cfg: TrainConfig, key: str, value):
+def _choices(key: str, choices: dict | None):
+    """The allowed values of option `key`: its field's, or those the caller passes (see parse_config)."""
+    return (choices or {}).get(key) or LEAVES[key][0].metadata.get("choices")
+
+
+def _set(cfg: TrainConfig, key: str, value, choices: dict | None = None):
     if key not in LEAVES:
         close = difflib.get_close_matches(key, LEAVES, n=3)
         hint = f" (did you mean {', '.join('--' + c for c in close)}?)" if close else ""
         raise ConfigError(f"unknown option --{key}{hint}; see --help")
     f, tp = LEAVES[key]
+    if key in ("data.datasets", "data.eval_datasets"):
+        value = [_dataset(e, key) for e in (yaml.safe_load(value) if isinstance(value, str) else value or [])]
     value = _convert(key, value, tp)
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"--{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    allowed = _choices(key, choices)
+    if allowed and value not in allowed:
+        raise ConfigError(f"--{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
     obj = cfg
     *parents, name = key.split(".")
     for p in parents:
         obj = getattr(obj, p)
     setattr(obj, name, value)
+
+
+def get(cfg: TrainConfig, key: str):
+    """The value of dotted option `key`."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _flatten(tree: dict, prefix="") -> dict:
@@ -312,7 +279,8 @@ def _flatten(tree: dict, prefix="") -> dict:
 
 def _dataset(entry, key: str) -> dict:
     """A dataset as a dict: from YAML, or `task:annotations:media_root` on the command line (the task may itself
-    be an import path `module:Class`, so the last two colons split)."""
+    be an import path `module:Class`, so the last two colons split). Its task and format are checked where
+    they are defined, when the file is loaded (vcr1/preflight.py)."""
     if isinstance(entry, str):
         parts = entry.rsplit(":", 2)
         if len(parts) != 3:
@@ -324,17 +292,15 @@ def _dataset(entry, key: str) -> dict:
     for k, v in entry.items():
         if not hasattr(ds, k):
             raise ConfigError(f"--{key}: unknown dataset field {k!r} (task, annotations, media_root, fmt, limit)")
-        f = next(f for f in dataclasses.fields(DatasetConfig) if f.name == k)
         v = _convert(f"{key}.{k}", v, typing.get_type_hints(DatasetConfig)[k])
-        if f.metadata.get("choices") and v not in f.metadata["choices"]:
-            raise ConfigError(f"--{key}.{k}: {v!r} is not one of {', '.join(map(str, f.metadata['choices']))}")
         setattr(ds, k, v)
     if not ds.task or not ds.annotations or not ds.media_root:
         raise ConfigError(f"--{key}: a dataset needs a task, annotations and media_root")
     return dataclasses.asdict(ds)
 
 
-def _validate(cfg: TrainConfig):
+def _validate(cfg: TrainConfig, source: Path, flags: set):
+    """The values' own rules (no file, module or machine is looked at: vcr1/preflight.py does that)."""
     g = cfg.grpo
     checks = [
         (g.num_generations >= 2, "grpo.num_generations must be >= 2 (advantages are relative within a group)"),
@@ -367,108 +333,112 @@ def _validate(cfg: TrainConfig):
     for name, value in g.reward_weights.items():
         if not isinstance(value, (int, float)):
             raise ConfigError(f"grpo.reward_weights.{name}: {value!r} is not a number")
-    if problem := unrunnable_here(cfg.model.attn, cfg.model.dtype, cfg.data.video.decode_device,
-                                  cfg.engine.loss_backend):
-        raise ConfigError(problem)
-    if cfg.model.dtype == "fp16" and not _cuda_available():
-        raise ConfigError("--model.dtype fp16 needs a CUDA GPU (DeepSpeed has no fp16 mode on CPU); use bf16 or fp32")
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"--model {cfg.model.path}: no such directory")
     if cfg.model.init is not None and cfg.model.path is not None:
-        raise ConfigError("--model.init sets the tiny embedded model's weights; a --model checkpoint has its own")
-    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
-        raise ConfigError(f"--model.init {cfg.model.init}: no such file (`python -m vcr1.warm_start` builds it)")
-    for key in ("datasets", "eval_datasets"):
-        for ds in getattr(cfg.data, key):
-            if not Path(ds["annotations"]).is_file():
-                raise ConfigError(f"data.{key}: annotation file {ds['annotations']} does not exist")
+        if "model.path" in flags and "model.init" not in flags:  # `--model DIR` over a tiny model's recipe
+            raise ConfigError(f"--model {cfg.model.path}: {_display(source)} is the tiny embedded model's recipe "
+                              f"(model.init {cfg.model.init}); for a Qwen2.5-VL checkpoint pass --config "
+                              "configs/videochat_r1_7b.yaml (or your own recipe) with --model")
+        raise ConfigError("--model.init sets the tiny embedded model's weights; a --model checkpoint has its own "
+                          "(set model.init to none)")
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _help_value(value) -> str:
+    return "none" if value is None else str(value)
 
 
-def unrunnable_here(attn: str, dtype: str, decode_device: str = "auto", loss_backend: str = "auto") -> str | None:
-    """Why these option values cannot run on this machine (one line), or None: checked at start-up so a run
-    is refused before any work rather than failing at its first step."""
-    import importlib.util
-    import os
-
-    cuda = _cuda_available()
-    if attn == "flash_attention_2":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "--model.attn flash_attention_2 needs the flash-attn package (pip install 'vcr1[flash]'); use sdpa"
-        if not cuda:
-            return "--model.attn flash_attention_2 needs a CUDA GPU; use sdpa"
-        if dtype == "fp32":
-            return "--model.attn flash_attention_2 needs --model.dtype bf16 or fp16"
-    if decode_device == "cuda" and not cuda:
-        return "--data.video.decode_device cuda needs a CUDA GPU; use auto or cpu"
-    if loss_backend == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("--engine.loss_backend triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU "
-                "interpreter); use auto or torch")
-    return None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(cfg: TrainConfig | None = None, source: Path | None = None,
+                 choices: dict | None = None) -> argparse.ArgumentParser:
+    """The CLI. Each option's help shows, as its default, its value in `cfg` (the config file read from
+    `source` applied to the paper's defaults); `choices` adds allowed values defined outside this module."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    where = f"the paper's, with {_display(source)} applied" if source else "the paper's"
     p = argparse.ArgumentParser(
         prog="torchrun vcr1/train.py",
-        description="vcr1: GRPO of Qwen2.5-VL on video tasks. With no arguments, trains the tiny embedded "
-                    "default on a synthetic dataset. Options are the config tree's dotted keys.",
+        description="vcr1: GRPO of Qwen2.5-VL on video tasks. A run reads one recipe: --config FILE, or "
+                    f"without it {_display(DEFAULT_CONFIG)} (the tiny embedded model on a synthetic dataset); "
+                    "--key value flags override it. Options are the config tree's dotted keys; the defaults "
+                    f"shown are the values this run would use: {where}.",
         allow_abbrev=False,
     )
-    p.add_argument("--config", help="YAML file with any of the options below (nested or dotted keys)")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"YAML recipe with any of the options below (nested or dotted keys) "
+                        f"(default: {_display(DEFAULT_CONFIG)})")
     p.add_argument("--data", nargs="+", metavar="SPEC",
-                   help="datasets: YAML files holding a list of datasets, or task:annotations:media_root")
+                   help="datasets (replace data.datasets): YAML files holding a list of datasets, or "
+                        "task:annotations:media_root")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check the config, the model and every dataset (annotations, media, videos), print the "
+                        "resolved config and the planned steps, then exit: 0 when runnable, else 2")
     for key, (f, _) in LEAVES.items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        choices = f.metadata.get("choices")
-        extra = f" {{{', '.join(map(str, choices))}}}" if choices else ""
+        allowed = _choices(key, choices)
+        extra = f" {{{', '.join(map(str, allowed))}}}" if allowed else ""
         flags = ["--" + key] + (["--model"] if key == "model.path" else [])
         p.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar="V",
-                       help=f"{f.metadata['help']}{extra} (default: {default})")
+                       help=f"{f.metadata['help']}{extra} (default: {_help_value(get(cfg, key))})")
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Build the config from defaults, preset, YAML and flags; every error is a ConfigError."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+def _display(path: Path) -> str:
+    """A config path as a user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def read_config_file(path: Path, choices: dict | None = None) -> TrainConfig:
+    """The paper's defaults with the YAML file `path` applied; every problem is a ConfigError."""
+    cfg = TrainConfig()
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {path}: {e}".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    try:
+        for k, v in _flatten(tree).items():
+            _set(cfg, k, v, choices)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+    return cfg
+
+
+def parse_cli(argv: list[str] | None = None, *, choices: dict | None = None) -> tuple[TrainConfig, dict]:
+    """(config, CLI-only options {"dry_run", "config"}) from the paper's defaults, the config file (--config,
+    else DEFAULT_CONFIG) and flags. `choices`: {dotted key: allowed values} for options whose values are
+    defined outside this leaf module (train.py passes vcr1_kernels's loss types and LM-head backends).
+    Every error is a ConfigError."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    source = Path(known.config) if known.config else DEFAULT_CONFIG
+    if not known.config and not source.is_file():
+        raise ConfigError(f"the default recipe {source} is missing: pass --config FILE")
+    base = read_config_file(source, choices)
+
+    parser = build_parser(base, source, choices)  # --help exits here, showing the file's values
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _set(TrainConfig(), unknown[0].lstrip("-").split("=")[0], None)  # reports the unknown key
         raise ConfigError(f"unexpected argument {unknown[0]!r}")
     args = vars(args)
-
-    overrides = {}
-    config_path = args.pop("config", None)
-    if config_path:
-        path = Path(config_path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {path}: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping at the top level")
-        overrides.update(_flatten(tree))
+    args.pop("config", None)
+    dry_run = args.pop("dry_run", False)
     data_specs = args.pop("data", None)
-    overrides.update(args)
 
-    cfg = TrainConfig()
-    model_path = overrides.get("model.path", None)
-    if model_path in (None, "", "none", "None"):
-        for k, v in TINY_PRESET.items():
-            _set(cfg, k, v)
-    for k, v in overrides.items():
-        if k in ("data.datasets", "data.eval_datasets"):
-            v = [_dataset(e, k) for e in (yaml.safe_load(v) if isinstance(v, str) else v or [])]
-        _set(cfg, k, v)
+    cfg = copy.deepcopy(base)
+    for k, v in args.items():
+        _set(cfg, k, v, choices)
     if data_specs:
         cfg.data.datasets = [_dataset(e, "data") for spec in data_specs for e in _read_data_spec(spec)]
-    _validate(cfg)
-    return cfg
+    _validate(cfg, source, set(args) | ({"data.datasets"} if data_specs else set()))
+    return cfg, {"dry_run": dry_run, "config": source}
+
+
+def parse_config(argv: list[str] | None = None, *, choices: dict | None = None) -> TrainConfig:
+    """The config of `argv` (see parse_cli); every error is a ConfigError."""
+    return parse_cli(argv, choices=choices)[0]
 
 
 def _read_data_spec(spec: str) -> list:

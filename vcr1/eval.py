@@ -1,8 +1,15 @@
-"""Evaluation with the paper's metrics (spec §5): greedy answers from a checkpoint, scored over all items.
+"""Evaluation with the paper's metrics (docs/paper.md §5): greedy answers from a checkpoint, scored over all items.
 
+    python -m vcr1.eval --model CKPT [--json]        # a vcr1 checkpoint on its run's own held-out set
     python -m vcr1.eval --task tg --model CKPT --annotations charades_sta_test.json --media_root VIDEOS \
         --predictions preds.jsonl [--json]            # generate (resumable), then score
     python -m vcr1.eval --task tg --predictions preds.jsonl --json     # score a predictions file only
+
+A vcr1 checkpoint holds its run's resolved config (vcr1_config.yaml): generation uses the settings the run was
+trained and evaluated with (prompt, video sampling, answer length, batch size, dtype); a flag given explicitly
+overrides one; without a saved config (a downloaded model) they are the paper's. With `--model CKPT` and no
+`--annotations`, the checkpoint answers its run's held-out set (data.eval_datasets, or the synthetic test split,
+limited to eval_limit as the trainer does) and the metrics are the trainer's eval row: `eval/<task>/<metric>`.
 
 Under torchrun every process answers its share of the pending items into `preds.jsonl.rank{r}`; rank 0
 then merges the shards into the predictions file and scores it. A rerun skips every uid already in the
@@ -25,13 +32,16 @@ import os
 import sys
 from pathlib import Path
 
-from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, DataConfig, VideoConfig, unrunnable_here
+from vcr1.config import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, ConfigError, DataConfig, VideoConfig, parse_config
 from vcr1.data.annotations import format_names
 from vcr1.tasks import get_task, task_names
 
 log = logging.getLogger("vcr1.eval")
 
 PAPER_MAX_NEW_TOKENS = 2048
+PAPER_BATCH_SIZE = 8  # prompts per generation call when the checkpoint has no run config
+VIDEO_SETTINGS = tuple(f.name for f in dataclasses.fields(VideoConfig))
+SETTINGS = ("think", "max_new_tokens", "batch_size", "dtype", "attn", *VIDEO_SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -79,7 +89,7 @@ def summarize(parts) -> dict:
 
 
 def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, device="cpu",
-             batch_size: int | None = None, max_new_tokens: int | None = None) -> dict:
+             batch_size: int | None = None, max_new_tokens: int | None = None, records: list | None = None) -> dict:
     """{task: {metric: value}} over ALL samples; every process calls it and gets the same dict.
 
     Each process answers samples[rank::world] greedily with cfg.data's video and prompt settings, at most
@@ -88,6 +98,7 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
     short answers are not batched with long ones. Samples that cannot be encoded (e.g. a video that does
     not decode) count in `skipped`, items that cannot be scored (a malformed solution) in `malformed`: a
     bad held-out item never ends training, and every process still makes the one gather below.
+    `records`, when given, receives this process's prediction records.
     """
     from vcr1.distributed import all_gather_objects
 
@@ -98,9 +109,11 @@ def evaluate(model, tokenizer, samples, *, cfg, rank: int = 0, world: int = 1, d
     model.eval()
     try:
         mine = sorted(samples[rank::world], key=lambda s: s.task)  # stable: each task keeps its order
-        for records, bad in predict(model, tokenizer, mine, data_cfg=cfg.data, device=device,
-                                    batch_size=batch_size, max_new_tokens=max_new_tokens):
-            for r in records:
+        for batch, bad in predict(model, tokenizer, mine, data_cfg=cfg.data, device=device,
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens):
+            if records is not None:
+                records.extend(batch)
+            for r in batch:
                 try:
                     items[r["task"]].append(get_task(r["task"]).score(r["completion"], r["solution"]))
                 except Exception as e:  # a malformed solution that bypassed load-time validation, or a bug
@@ -190,28 +203,84 @@ def merge_shards(path: Path) -> None:
 # --------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vcr1.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, help=f"a task ({', '.join(task_names())}) or module:Class of your own")
-    p.add_argument("--predictions", required=True, type=Path,
-                   help="JSONL of {uid, task, completion, solution}: appended to when generating, then scored")
+    p = argparse.ArgumentParser(prog="python -m vcr1.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", help=f"a task ({', '.join(task_names())}) or module:Class of your own: the task of "
+                                  "--annotations and --predictions (required there); with --model CKPT alone, only "
+                                  "this task of the run's held-out set")
+    p.add_argument("--predictions", type=Path,
+                   help="JSONL of {uid, task, completion, solution}: appended to when generating, then scored "
+                        "(required with --annotations or alone; with --model CKPT alone it is written, default "
+                        "CKPT/eval_predictions.jsonl)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
-    gen = p.add_argument_group("generation (with --annotations)")
-    gen.add_argument("--annotations", type=Path, help="annotation file to answer; without it, only score")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--model", help="checkpoint dir; a vcr1 checkpoint brings its run's settings and held-out set "
+                                     "(vcr1_config.yaml); omitted: the tiny random default (smoke tests)")
+    gen.add_argument("--annotations", type=Path, help="annotation file to answer; without it and without --model, "
+                                                      "only score --predictions")
     gen.add_argument("--media_root", type=Path, help="folder the annotation's video paths are relative to")
     gen.add_argument("--fmt", choices=format_names(), help="default: detected")
-    gen.add_argument("--limit", type=int, help="answer at most this many items of the file")
-    gen.add_argument("--model", help="Hugging Face checkpoint dir; omitted: the tiny random default (smoke tests)")
-    gen.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16, fp32 for the tiny default")
-    gen.add_argument("--attn", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
-    gen.add_argument("--batch_size", type=int, default=8, help="prompts per generation call")
-    gen.add_argument("--max_new_tokens", type=int, default=PAPER_MAX_NEW_TOKENS)
-    gen.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
-                     help="prompts that ask for a <think> block")
+    gen.add_argument("--limit", type=int, help="answer at most this many items of the file (with --model CKPT "
+                                               "alone: of the run's held-out set, balanced over tasks; default its "
+                                               "eval_limit)")
+    settings = p.add_argument_group(
+        "generation settings", "Each defaults to the value of the checkpoint's run config (vcr1_config.yaml), else "
+                               "the paper's (shown); a flag given explicitly overrides it.")
+    settings.add_argument("--dtype", choices=DTYPE_NAMES, help="run: model.dtype; paper: bf16, fp32 for the tiny "
+                                                               "default")
+    settings.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="run: model.attn; paper: sdpa")
+    settings.add_argument("--batch_size", type=int, help="prompts per generation call; run: eval_batch_size "
+                                                         f"(else prompts_per_step); paper: {PAPER_BATCH_SIZE}")
+    settings.add_argument("--max_new_tokens", type=int, help="run: grpo.max_completion_length; paper: "
+                                                             f"{PAPER_MAX_NEW_TOKENS}")
+    settings.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                          help="prompts that ask for a <think> block; run: data.think; paper: on")
     for f in dataclasses.fields(VideoConfig):  # the paper's video settings, as training uses them
-        gen.add_argument(f"--{f.name}", type=type(f.default), default=f.default, choices=f.metadata["choices"],
-                         help=f.metadata["help"])
+        settings.add_argument(f"--{f.name}", type=type(f.default), default=None, choices=f.metadata["choices"],
+                              help=f"{f.metadata['help']}; run: data.video.{f.name}; paper: {f.default}")
     return p
+
+
+def load_run_config(model: str | None):
+    """(the resolved config of the run that wrote checkpoint `model`, its file), or (None, None) when the
+    checkpoint has none (a downloaded model) or no model is given. A config that no longer parses is a
+    ConfigError."""
+    if model is None:
+        return None, None
+    from vcr1.checkpoint import RUN_CONFIG
+
+    path = Path(model) / RUN_CONFIG
+    if not path.is_file():
+        return None, None
+    return parse_config(["--config", str(path)]), path
+
+
+def resolve_settings(args, run_cfg) -> list[str]:
+    """Fill each generation setting the flags left unset (None) from the run config, else the paper's; returns
+    the names of those a flag gave."""
+    if run_cfg is None:
+        base = {"think": True, "max_new_tokens": PAPER_MAX_NEW_TOKENS, "batch_size": PAPER_BATCH_SIZE,
+                "dtype": "fp32" if args.model is None else "bf16", "attn": "sdpa",
+                **dataclasses.asdict(VideoConfig())}
+    else:
+        base = {"think": run_cfg.data.think, "max_new_tokens": run_cfg.grpo.max_completion_length,
+                "batch_size": run_cfg.eval_batch_size or run_cfg.prompts_per_step, "dtype": run_cfg.model.dtype,
+                "attn": run_cfg.model.attn, **dataclasses.asdict(run_cfg.data.video)}
+    flagged = [name for name in SETTINGS if getattr(args, name) is not None]
+    for name in SETTINGS:
+        if name not in flagged:
+            setattr(args, name, base[name])
+    return flagged
+
+
+def describe_settings(args, flagged: list[str], source: str) -> str:
+    """The two stderr lines naming the generation settings and where they came from."""
+    used = " ".join(f"{name}={getattr(args, name)}" for name in SETTINGS)
+    return (f"vcr1.eval: settings: {used}\n"
+            f"vcr1.eval: settings from {source}; overridden by flags: {', '.join(flagged) or 'none'}")
+
+
+def video_config(args) -> VideoConfig:
+    return VideoConfig(**{name: getattr(args, name) for name in VIDEO_SETTINGS})
 
 
 def generate_predictions(args, rank: int, world: int, device) -> dict:
@@ -232,8 +301,7 @@ def generate_predictions(args, rank: int, world: int, device) -> dict:
     if share:
         tokenizer = load_tokenizer(args.model)
         model = load_model(args.model, tokenizer, dtype=args.dtype, attn=args.attn).to(device).eval()
-        video = VideoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VideoConfig)})
-        data_cfg = DataConfig(think=args.think, video=video)
+        data_cfg = DataConfig(think=args.think, video=video_config(args))
         with open_shard(args.predictions.with_name(f"{args.predictions.name}.rank{rank}")) as out:
             for records, bad in predict(model, tokenizer, share, data_cfg=data_cfg, device=device,
                                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens):
@@ -258,22 +326,115 @@ def _processes():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def held_out_samples(run_cfg, ckpt: Path, rank: int, limit: int | None = None) -> tuple[list, int]:
+    """The held-out examples the run's evaluations scored, found as the trainer finds them (Trainer._build_data):
+    data.eval_datasets, or the synthetic test split of the run's seed and data settings (reused where the run
+    wrote it, else regenerated, byte for byte), then balanced_subset(eval_limit). Returns (samples, malformed
+    annotation entries skipped)."""
+    from vcr1.data.dataset import balanced_subset, load_split, synthetic_datasets
+    from vcr1.distributed import barrier
+
+    eval_datasets = run_cfg.data.eval_datasets
+    if not eval_datasets and not run_cfg.data.datasets:
+        if run_cfg.data.synthetic_dir:
+            root = Path(run_cfg.data.synthetic_dir)
+        elif ckpt.parent.name == "checkpoints":  # <output_dir>/checkpoints/step-N: the run's <output_dir>/synthetic
+            root = ckpt.parent.parent / "synthetic"
+        else:
+            root = ckpt / "eval_synthetic"
+        if rank == 0:
+            synthetic_datasets(root, run_cfg.data, run_cfg.seed)
+        barrier()
+        eval_datasets = synthetic_datasets(root, run_cfg.data, run_cfg.seed)["test"]
+    if not eval_datasets:
+        raise ValueError("the run had no held-out set (data.eval_datasets is empty): pass --task, --annotations "
+                         "and --media_root")
+    samples, bad = load_split(eval_datasets)
+    return balanced_subset(samples, run_cfg.eval_limit if limit is None else limit), bad
+
+
+def evaluate_run(args, run_cfg, rank: int, world: int, device) -> dict:
+    """The checkpoint `args.model` on its run's held-out set: {eval/<task>/<metric>: value}, as the trainer's
+    eval rows; the predictions are written to args.predictions."""
+    from vcr1.distributed import all_gather_objects, barrier
+    from vcr1.model import load_model, load_tokenizer
+
+    ckpt = Path(args.model)
+    samples, bad = held_out_samples(run_cfg, ckpt, rank, args.limit)
+    if args.task:
+        samples = [s for s in samples if s.task == args.task]
+    if rank == 0:
+        per_task = collections.Counter(s.task for s in samples)
+        print(f"vcr1.eval: {len(samples)} held-out examples of the run ("
+              f"{', '.join(f'{t} {n}' for t, n in per_task.items())}; {bad} malformed annotations skipped)",
+              file=sys.stderr)
+    tokenizer = load_tokenizer(str(ckpt))
+    model = load_model(str(ckpt), tokenizer, dtype=args.dtype, attn=args.attn).to(device).eval()
+    cfg = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, think=args.think,
+                                                                video=video_config(args)))
+    mine = []
+    result = evaluate(model, tokenizer, samples, cfg=cfg, rank=rank, world=world, device=device,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, records=mine)
+    gathered = all_gather_objects(mine)
+    if rank == 0:
+        path = args.predictions or ckpt / "eval_predictions.jsonl"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for part in gathered for r in part), encoding="utf-8")
+        os.replace(tmp, path)
+        print(f"vcr1.eval: predictions in {path}", file=sys.stderr)
+    barrier()
+    return {f"eval/{task}/{k}": v for task, values in result.items() for k, v in values.items()}
+
+
+def _print(result: dict, as_json: bool, width: int = 12):
+    if as_json:
+        print(json.dumps(result))
+        return
+    print("\n".join(f"{k:>{width}}  {v:.2f}" if isinstance(v, float) else f"{k:>{width}}  {v}"
+                    for k, v in result.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        get_task(args.task)
-    except ValueError as e:
-        parser.error(str(e))
+        run_cfg, run_file = load_run_config(args.model)
+    except ConfigError as e:
+        parser.error(f"--model {args.model}: cannot read its run config: {e}")
+    held_out = args.annotations is None and run_cfg is not None
+    generating = held_out or args.annotations is not None
+    if not held_out and (args.task is None or args.predictions is None):
+        parser.error("--task and --predictions are needed, except with a vcr1 checkpoint (--model CKPT, which holds "
+                     "vcr1_config.yaml) and no --annotations")
+    if args.task is not None:
+        try:
+            args.task = get_task(args.task).name
+        except ValueError as e:
+            parser.error(str(e))
     extra = {}
-    if args.annotations is not None:
-        if args.media_root is None:
+    if generating:
+        if args.annotations is not None and args.media_root is None:
             parser.error("--annotations needs --media_root")
-        args.dtype = args.dtype or ("fp32" if args.model is None else "bf16")
+        flagged = resolve_settings(args, run_cfg)
+        from vcr1.preflight import unrunnable_here
+
         if problem := unrunnable_here(args.attn, args.dtype, args.decode_device):
             parser.error(problem)
         rank, world, device = _processes()
+        if rank == 0:
+            source = (f"the run config {run_file}" if run_file else
+                      f"the paper's defaults ({args.model} has no vcr1_config.yaml)" if args.model else
+                      "the paper's defaults (no --model: the tiny random model)")
+            print(describe_settings(args, flagged, source), file=sys.stderr)
+        if held_out:
+            try:
+                result = evaluate_run(args, run_cfg, rank, world, device)
+            except ValueError as e:
+                parser.error(str(e))
+            if rank == 0:
+                _print(result, args.json, width=max(map(len, result), default=12))
+            return 0
         extra = generate_predictions(args, rank, world, device)
         if rank != 0:
             return 0
@@ -284,10 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # no scorable item at all
         print(f"vcr1.eval: {args.predictions}: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print("\n".join(f"{k:>12}  {v:.2f}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in result.items()))
+    _print(result, args.json)
     return 0
 
 

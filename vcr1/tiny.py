@@ -6,7 +6,10 @@ Qwen2.5-VL tokenizer serves this one unchanged.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig
@@ -117,3 +120,39 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
+
+
+# ---- the shipped warm start (`python -m vcr1.warm_start` rebuilds it)
+
+WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
+SHIPPED = "warm_start"  # the value of --model.init that names WARM_START (configs/tiny.yaml's)
+
+
+def init_file(init: str | None) -> Path | None:
+    """The weights file a --model.init value names: WARM_START for `warm_start`, None for unset/none."""
+    if init is None:
+        return None
+    return WARM_START if init == SHIPPED else Path(init)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and merges: weights only fit the tokenizer they were trained with."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def load_warm_start(model, path, tokenizer) -> dict:
+    """Load the weights of `path` into the tiny `model` (every parameter, same shapes); returns the metadata.
+
+    Raises ValueError when the file was built for another tokenizer (the tokenizer is rebuilt from the
+    prompts, so changing a prompt changes it): rebuild with `python -m vcr1.warm_start`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("vcr1", "{}"))
+    if meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{path} was built for another tokenizer (fingerprint {meta.get('tokenizer')}, this one "
+                         f"{tokenizer_fingerprint(tokenizer)}); rebuild it with `python -m vcr1.warm_start`")
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return meta

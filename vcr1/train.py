@@ -1,8 +1,10 @@
-"""vcr1 training: `torchrun vcr1/train.py [--model DIR --data ...]`.
+"""vcr1 training: `torchrun vcr1/train.py [--config RECIPE.yaml] [--key value ...] [--dry_run]`.
 
-With no arguments: the tiny embedded Qwen2.5-VL on the synthetic video set — a short supervised
-warm-up (so the random model learns the answer format), then GRPO. With `--model` and `--data`: GRPO
-of a local Qwen2.5-VL with the paper's hyperparameters. `--help` lists every option.
+A run reads one recipe (configs/): without --config, configs/tiny.yaml, the tiny embedded Qwen2.5-VL on the
+synthetic video set, GRPO from vcr1's shipped warm start; `--config configs/videochat_r1_7b.yaml` is the
+paper's run of a local Qwen2.5-VL. Flags override the recipe; `--help` lists every option with the value
+the run would use. `--dry_run` checks everything the run needs (vcr1/preflight.py, which every run also
+checks before it builds a model) and prints the resolved config and the planned steps.
 
 A GRPO step: draw prompts, decode each video once, sample G completions per prompt, score them with
 the rule-based rewards, turn rewards into group-relative advantages, and take μ policy updates of the
@@ -37,17 +39,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcr1 import checkpoint, distributed, grpo
-from vcr1.config import ConfigError, parse_config, to_dict
+from vcr1 import checkpoint, distributed, grpo, preflight
+from vcr1.config import ConfigError, parse_cli, to_dict
 from vcr1.data.dataset import PromptStream, balanced_subset, load_split, reference_tokens, synthetic_datasets
 from vcr1.data.video import decode_stats
 from vcr1.loss import sft_loss
 from vcr1.model import install_lm_head, load_model, load_tokenizer, stop_ids
 from vcr1.monitor import Monitor, Phases, before_after_table, enable_nvtx
+from vcr1.packing import ATTENTION_BACKENDS
 from vcr1.tasks import blind_answers, get_task
-from vcr1_kernels import token_logprobs
+from vcr1_kernels import IMPORTANCE_SAMPLING_LEVELS, LM_HEAD_BACKENDS, LOSS_TYPES, token_logprobs
 
 log = logging.getLogger("vcr1")
+# Values of options defined by the kernels package (their one home), listed by --help and checked by the parser.
+CHOICES = {"grpo.loss_type": LOSS_TYPES, "engine.loss_backend": LM_HEAD_BACKENDS,
+           "grpo.importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS,
+           "engine.attn_backend": ("auto", *ATTENTION_BACKENDS)}
 
 
 class Trainer:
@@ -89,6 +96,7 @@ class Trainer:
         self.skipped = {"reward": 0}  # this process's failed reward groups, summed over processes when logged
         self.run_id = checkpoint.new_run_id()
         self._ref_synced = False
+        self.clock = StepClock()  # restarted when the training loop starts
 
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -98,7 +106,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(_yaml(to_dict(cfg)))
         self.monitor.progress(
             f"vcr1: {'tiny embedded default' if cfg.model.path is None else cfg.model.path} | "
-            f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params | {self.world} process(es) | "
+            f"{_param_summary(self.model.parameters())} | {self.world} process(es) | "
             f"ZeRO-{cfg.engine.zero_stage} | {len(self.train_samples)} train examples "
             f"({self.skipped_annotations} malformed skipped) | output {self.out}")
         if self.resume_from is not None:
@@ -163,12 +171,7 @@ class Trainer:
         self.sft_stream = PromptStream(self.train_samples, seed=cfg.seed + 1, **stream)
 
     def _grpo_steps(self) -> int:
-        cfg = self.cfg
-        if "grpo" not in cfg.stage:
-            return 0
-        per_step = cfg.prompts_per_step * cfg.grad_accum
-        steps = cfg.epochs * len(self.stream) // per_step
-        return max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
+        return preflight.planned_grpo_steps(self.cfg, len(self.stream))
 
     # ---- the two kinds of step ---------------------------------------------------------------------
     def sft_step(self, tally: Tally):
@@ -282,6 +285,7 @@ class Trainer:
         last_save = time.monotonic()
         if self.step == 0 and self._eval_due(-self.sft_steps, total):  # GRPO from the loaded model
             self.evaluate()
+        self.clock = StepClock()
         with StopSignals() as signals:
             while self.step < total:
                 self.stage = "sft" if self.step < self.sft_steps else "grpo"
@@ -290,7 +294,9 @@ class Trainer:
                 t0, tally = time.perf_counter(), Tally()
                 samples = self.sft_step(tally) if self.stage == "sft" else self.grpo_step(tally)
                 self.step += 1
-                row = self._log_step(tally, samples, time.perf_counter() - t0, total)
+                seconds = time.perf_counter() - t0
+                self.clock.stepped(seconds)
+                row = self._log_step(tally, samples, seconds, total)
                 grpo_step = self.step - self.sft_steps
                 if self._eval_due(grpo_step, total):
                     self.evaluate()
@@ -342,7 +348,7 @@ class Trainer:
         if samples and (self.step - self.sft_steps) % self.cfg.samples_every in (0, 1):
             self.monitor.log_samples(self.step, samples)
         if self.step % self.cfg.log_every == 0 or self.step == total:
-            self.monitor.progress(_progress_line(row, total))
+            self.monitor.progress(_progress_line(row, total, *self.clock.times(self.step, total)))
         return row
 
     def evaluate(self):
@@ -371,7 +377,8 @@ class Trainer:
                                    zero_stage=self.cfg.engine.zero_stage, rank=self.rank,
                                    trainer_state={"step": self.step}, rank_state=rank_state,
                                    model_src=self.cfg.model.path, run_id=self.run_id,
-                                   keep=self.cfg.keep_checkpoints, protect=self.sft_steps)
+                                   keep=self.cfg.keep_checkpoints, protect=self.sft_steps,
+                                   run_config=to_dict(self.cfg))
         self.monitor.progress(f"checkpoint {path}")
 
     def _restore(self, path: Path):
@@ -450,13 +457,56 @@ def _float(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _progress_line(row: dict, total: int) -> str:
+class StepClock:
+    """Wall time since the training loop started and the mean time of its steps, for the progress line's
+    elapsed time and ETA (evaluations and checkpoints count in the elapsed time, not in the ETA)."""
+
+    def __init__(self):
+        self.start, self.seconds, self.steps = time.monotonic(), 0.0, 0
+
+    def stepped(self, seconds: float):
+        self.seconds += seconds
+        self.steps += 1
+
+    def times(self, step: int, total: int) -> tuple[float, float | None]:
+        """(seconds since the loop started, estimated seconds to the end of the run)."""
+        mean = self.seconds / self.steps if self.steps else None
+        return time.monotonic() - self.start, None if mean is None else mean * max(total - step, 0)
+
+
+def _duration(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _progress_line(row: dict, total: int, elapsed: float | None = None, eta: float | None = None) -> str:
     parts = [f"{row['stage']} step {row['step']}/{total}"]
     for key in ("loss", "reward", "kl", "completion_length", "step_time"):
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:.4g}")
     parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    if elapsed is not None:
+        parts.append(f"elapsed {_duration(elapsed)}")
+    if eta is not None:
+        parts.append(f"ETA {_duration(eta)}")
     return " | ".join(parts)
+
+
+def _param_counts(params) -> tuple[int, int]:
+    """(all parameters, trainable ones): full sizes also under ZeRO-3, whose partitioned parameters hold a
+    shard (numel() 0 or a slice) and carry their full size in `ds_numel`."""
+    total = trainable = 0
+    for p in params:
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def _param_summary(params) -> str:
+    total, trainable = _param_counts(params)
+    return f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
 
 
 def _yaml(tree: dict) -> str:
@@ -468,13 +518,26 @@ def _yaml(tree: dict) -> str:
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("VCR1_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = parse_config(argv)
+        cfg, cli = parse_cli(argv, choices=CHOICES)
     except ConfigError as e:
         print(f"vcr1: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    # Every check before any model is built; under torchrun every process checks and exits alike, rank 0 prints.
+    report = preflight.check(cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0 and cli["dry_run"]:
+        print(f"# vcr1 --dry_run: the resolved config ({cli['config']}, then flags)\n" + _yaml(to_dict(cfg)) +
+              "# the plan (world_size: $WORLD_SIZE)\n" + _yaml({"plan": report.plan}), end="", flush=True)
+    if rank0:
+        for line in [f"warning: {w}" for w in report.warnings] + report.problems:
+            print(f"vcr1: {line}", file=sys.stderr)
+    if report.problems:
+        sys.exit(2)
+    if cli["dry_run"]:
+        sys.exit(0)
     try:
         trainer = Trainer(cfg)
-    except (FileNotFoundError, FileExistsError) as e:  # --resume true with no checkpoint; false over one
+    except (FileNotFoundError, FileExistsError, ConfigError) as e:  # e.g. --resume true with no checkpoint
         print(f"vcr1: {e}", file=sys.stderr)
         sys.exit(2)
     trainer.run()

@@ -6,23 +6,23 @@ default run starts GRPO from this file, and its minutes go to GRPO.
 
     python -m vcr1.warm_start [--out FILE]
 
-rebuilds it: the supervised-only runs of vcr1/train.py in STAGES, each from the weights the one before
-ended with, on a synthetic set of their own seed (so the default run's examples, of seeds 0, 1, ..., are
-new to them), then the final weights written to WARM_START with the recipes and a fingerprint of the
-tokenizer in the file's metadata. The runs are deterministic: the same stages, torch version and THREADS
-give the same bytes.
+rebuilds it (vcr1.tiny loads it): the supervised-only runs of vcr1/train.py in STAGES, each from the
+weights the one before ended with, on a synthetic set of their own seed (so the default run's examples, of
+seeds 0, 1, ..., are new to them), then the final weights written to WARM_START with the recipes and a
+fingerprint of the tokenizer in the file's metadata. The runs are deterministic: the same stages, torch
+version and THREADS give the same bytes.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-WARM_START = Path(__file__).resolve().parent / "assets" / "warm_start.safetensors"
+from vcr1.tiny import WARM_START, tokenizer_fingerprint
+
 # --optim.lr: the warm-up's rate is optim.lr × (sft.lr / optim.lr), whose last bit depends on optim.lr; the
 # file was built with 3e-4, so the recipe pins it (the default's GRPO rate is 1e-4). --data.reshuffle: the
 # warm-up's ~13 passes each take a new order, as they did before the default run kept one.
@@ -38,29 +38,6 @@ STAGES = (
     (*_SFT, "--sft.steps", "600", "--sft.lr", "5e-4"),
 )
 THREADS = 2  # CPU kernels split work by thread count: a rebuild matches bit for bit only at the same count
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the vocabulary and merges: weights only fit the tokenizer they were trained with."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-
-
-def load_warm_start(model, path, tokenizer) -> dict:
-    """Load the weights of `path` into the tiny `model` (every parameter, same shapes); returns the metadata.
-
-    Raises ValueError when the file was built for another tokenizer (the tokenizer is rebuilt from the
-    prompts, so changing a prompt changes it): rebuild with `python -m vcr1.warm_start`.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("vcr1", "{}"))
-    if meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
-        raise ValueError(f"{path} was built for another tokenizer (fingerprint {meta.get('tokenizer')}, this one "
-                         f"{tokenizer_fingerprint(tokenizer)}); rebuild it with `python -m vcr1.warm_start`")
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return meta
 
 
 def build(out: Path = WARM_START, stages=STAGES, threads: int = THREADS, work: Path | None = None) -> dict:
