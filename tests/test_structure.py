@@ -2,6 +2,7 @@
 and no task named outside vcr1/tasks (the trainer, data, evaluation and logging are task-agnostic)."""
 import ast
 import re
+from pathlib import Path
 
 from vcr1_testing import REPO
 
@@ -83,3 +84,17 @@ def test_no_task_name_outside_the_tasks_package():
                  for path in PACKAGE.rglob("*.py") if PACKAGE / "tasks" not in path.parents
                  for n, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_installed_command_runs_the_trainer():
+    import shutil
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="vcr1-train")
+    assert script.value == "vcr1.train:cli"
+    command = shutil.which("vcr1-train", path=str(Path(sys.executable).parent))  # installed beside this Python
+    assert command, "pip install -e . installs the vcr1-train command"
+    done = subprocess.run([command, "--max_steps", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "max_steps must be >= 1" in done.stderr  # parsed and checked as train.py does

@@ -124,7 +124,7 @@ def _bad_dataset(tmp_path, synthetic):
 
 def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
     calls = {"score": 0, "loss": 0}
-    real_score, real_loss = get_task("tg").rewards, grpo.grpo_loss
+    real_score, real_loss = get_task("tg").rewards, grpo.grpo_loss_from_logprobs
 
     def flaky_score(*a, **kw):
         calls["score"] += 1
@@ -138,7 +138,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, synthetic, monkeypatch):
         return (loss * float("nan"), stats) if calls["loss"] == 2 else (loss, stats)
 
     monkeypatch.setattr(get_task("tg"), "rewards", flaky_score)
-    monkeypatch.setattr(grpo, "grpo_loss", nan_once)
+    monkeypatch.setattr(grpo, "grpo_loss_from_logprobs", nan_once)
     out = tmp_path / "o"
     trainer = _run(_args(out, tmp_path, "--data", _bad_dataset(tmp_path, synthetic), "--max_steps", "3",
                          "--sft.steps", "1"))
@@ -368,13 +368,13 @@ class _NanGradient(torch.autograd.Function):
 
 @pytest.mark.parametrize("zero", [0, 2])
 def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path, synthetic, monkeypatch, zero):
-    real_loss = grpo.grpo_loss
+    real_loss = grpo.grpo_loss_from_logprobs
 
     def finite_loss_nan_gradients(*a, **kw):
         loss, stats = real_loss(*a, **kw)
         return _NanGradient.apply(loss), stats
 
-    monkeypatch.setattr(grpo, "grpo_loss", finite_loss_nan_gradients)
+    monkeypatch.setattr(grpo, "grpo_loss_from_logprobs", finite_loss_nan_gradients)
     out = tmp_path / "o"
     trainer = train.Trainer(parse_config(_args(out, synthetic, "--stage", "grpo", "--max_steps", "2",
                                                "--engine.zero_stage", str(zero))))

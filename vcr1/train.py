@@ -544,5 +544,11 @@ def main(argv=None):
     return trainer
 
 
+def cli() -> int:
+    """The installed `vcr1-train` command: `main` on the process's arguments."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

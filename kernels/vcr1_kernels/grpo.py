@@ -109,7 +109,7 @@ def grpo_loss_from_logprobs(logp, cu_seqlens, advantages, old_logprobs=None, ref
 
 def _sequence_mean(x, cu_seqlens, lengths):
     """Each token's value replaced by the mean of its sequence's values (0 for an empty sequence), from
-    fp64 cumulative sums read at the sequence bounds: a fixed summation order (no atomic scatter)."""
+    fp64 cumulative sums read at the sequence bounds: a fixed summation order (no scattered adds)."""
     sums = torch.nn.functional.pad(x.double().cumsum(0), (1, 0))
     cu = cu_seqlens.long()
     means = ((sums[cu[1:]] - sums[cu[:-1]]) / lengths.clamp(min=1)).to(x.dtype)
@@ -119,7 +119,7 @@ def _sequence_mean(x, cu_seqlens, lengths):
 class _SequenceMean(torch.autograd.Function):
     """`_sequence_mean` with autograd. The map is symmetric (token t and u of sequence i are coupled by
     1 / L_i both ways), so its backward is the same map on the incoming gradient; autograd's own
-    backward of repeat_interleave would be an index_add, atomic (run-to-run different) on CUDA."""
+    backward of repeat_interleave would be an index_add, whose order differs from run to run on CUDA."""
 
     @staticmethod
     def forward(ctx, x, cu_seqlens, lengths):
