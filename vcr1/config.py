@@ -1,4 +1,4 @@
-"""One typed config tree. Defaults are the paper's (spec §1–2). A run reads one recipe file: `--config FILE`, or
+"""One typed config tree. Defaults are the paper's (docs/paper.md §1–2). A run reads one recipe file: `--config FILE`, or
 without it configs/tiny.yaml (the tiny embedded default). Precedence: defaults < the file < --key value flags.
 
 This module is a leaf: it imports no vcr1 module. Checks that need other modules, the data or this machine
