@@ -42,6 +42,33 @@ def test_uniform_groups_and_selection():
     assert grpo.uniform_groups(grpo.dataclasses.replace(batch, weight=0.0)) == [True] * 3  # unscorable
 
 
+def test_dynamic_sampling_can_test_one_reward_component(synthetic):
+    """DAPO's test is on accuracy: a group whose answers are all right (or all wrong) is dropped even when its
+    total rewards differ; a task without the component is tested on its total."""
+    from vcr1.tasks import get_task
+
+    qa, grounding = get_task("gqa"), get_task("tg")
+    solution = {"answer": "(A)", "glue": [[1.0, 2.0]]}
+    right = ["<answer>A</answer><glue>[(1.0, 2.0)]</glue>", "<answer>A</answer><glue>[(1.0, 3.0)]</glue>"]
+    ex = [SimpleNamespace(sample=SimpleNamespace(task=t, uid=f"u{i}", solution=sol), inputs={})
+          for i, (t, sol) in enumerate([("gqa", solution), ("tg", {"span": [1.0, 2.0]})])]
+    texts = {0: right, 1: ["<answer>1.0 to 2.0</answer>", "<answer>1.0 to 3.0</answer>"]}
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens):
+            return texts[int(ids[0])][int(ids[1])]
+
+    batch = grpo.Groups(tuple(ex), ((torch.tensor([0, 0]), torch.tensor([0, 1])),
+                                    (torch.tensor([1, 0]), torch.tensor([1, 1]))))
+    on_total = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2), think=False).groups
+    on_accuracy = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2, dynamic_sampling_metric="accuracy"),
+                                    think=False).groups
+    assert qa.rewards(right[0], solution, False)["accuracy"] == qa.rewards(right[1], solution, False)["accuracy"]
+    assert grpo.uniform_groups(on_total) == [False, False]
+    assert grpo.uniform_groups(on_accuracy) == [True, False]  # gqa: both right; tg has no accuracy: its totals differ
+    assert grounding.rewards(texts[1][0], {"span": [1.0, 2.0]}, False)["iou"] == 1.0
+
+
 def test_regroup_fills_micro_batches_and_pads_with_weight_zero():
     pool = [grpo.select_groups(groups([0.0, 1.0, 1.0, 0.0]), [0, 1]), groups([0.0, 2.0])]
     batches = grpo.regroup(pool, 2, want=2, filler=pool[1])

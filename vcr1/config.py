@@ -1,5 +1,6 @@
-"""One typed config tree. Defaults are the paper's (docs/paper.md §1–2). A run reads one recipe file: `--config FILE`, or
-without it configs/tiny.yaml (the tiny embedded default). Precedence: defaults < the file < --key value flags.
+"""One typed config tree. Defaults are the paper's (docs/paper.md §1–2). A run reads one recipe file:
+`--config FILE`, or without it configs/tiny.yaml (the tiny embedded default). Precedence: defaults < the file <
+--key value flags.
 
 This module is a leaf: it imports no vcr1 module. Checks that need other modules, the data or this machine
 (tasks and annotation formats, loss types and LM-head backends, files, videos, the GPU) are vcr1/preflight.py's.
@@ -108,6 +109,8 @@ class GRPOConfig:
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal and roll out more prompts "
                                         "until the step is full (DAPO)")
     max_sampling_rounds: int = opt(3, "most rounds of prompts a step rolls out with dynamic_sampling")
+    dynamic_sampling_metric: str = opt("total", "the reward whose equal values across a group drop it: total, or "
+                                                "a component such as accuracy (DAPO's; a task without it: total)")
     mask_truncated: bool = opt(False, "completions that hit max_completion_length take no part in the loss "
                                       "(DAPO's overlong filtering)")
     overlong_buffer: int = opt(0, "DAPO's soft overlong penalty: a reward component falling from 0 to -1 over "

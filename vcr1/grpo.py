@@ -64,6 +64,9 @@ class Groups:
     # it was sampled from (vcr1.rollout.Completion.logprobs), aligned with `completions`
     rollout_logprobs: tuple | None = None
     truncated: tuple | None = None  # per prompt: a tuple of G bools, whether a completion hit the length limit
+    # per prompt: the G values whose spread decides whether the group trains anything (dynamic sampling's test,
+    # on grpo.dynamic_sampling_metric), set when scored
+    spread_values: tuple | None = None
     rewards: torch.Tensor | None = None  # [B·G]
     advantages: torch.Tensor | None = None  # [B·G]
     old_logprobs: torch.Tensor | None = None  # [tokens], when μ > 1
@@ -113,7 +116,8 @@ def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
 
     With `grpo_cfg.overlong_buffer` L, each completion also gets DAPO's soft length penalty (component
     `overlong`): 0 up to max_completion_length - L tokens, then falling linearly to -1 at the limit."""
-    keep, rewards, components, samples = [], [], {}, []
+    keep, rewards, components, samples, spread = [], [], {}, [], []
+    metric = grpo_cfg.dynamic_sampling_metric
     for i, (ex, group) in enumerate(zip(groups.examples, groups.completions)):
         task = ex.sample.task
         try:
@@ -128,6 +132,7 @@ def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
         totals = [total_reward(p, grpo_cfg.reward_weights) for p in parts]
         keep.append(i)
         rewards += totals
+        spread.append(tuple(p.get(metric, total) for p, total in zip(parts, totals)))
         for p, total in zip(parts, totals):
             for k, v in {**p, "total": total}.items():
                 components.setdefault(f"reward/{task}/{k}", []).append(v)
@@ -138,7 +143,8 @@ def score_groups(groups: Groups, tokenizer, grpo_cfg, *, think: bool) -> Scored:
     if not keep:
         n = sum(len(group) for group in groups.completions)
         return Scored(dataclasses.replace(groups, rewards=torch.zeros(n), weight=0.0), components, failed, samples)
-    kept = dataclasses.replace(select_groups(groups, keep), rewards=torch.tensor(rewards, dtype=torch.float32))
+    kept = dataclasses.replace(select_groups(groups, keep), rewards=torch.tensor(rewards, dtype=torch.float32),
+                               spread_values=tuple(spread))
     return Scored(kept, components, failed, samples)
 
 
@@ -158,14 +164,18 @@ def select_groups(groups: Groups, keep: list[int]) -> Groups:
         rewards = rows[list(keep)].reshape(-1)
     return dataclasses.replace(groups, examples=pick(groups.examples), completions=pick(groups.completions),
                                rollout_logprobs=pick(groups.rollout_logprobs), truncated=pick(groups.truncated),
-                               rewards=rewards)
+                               spread_values=pick(groups.spread_values), rewards=rewards)
 
 
 def uniform_groups(groups: Groups) -> list[bool]:
-    """Per group: whether its G rewards are all equal, so its advantages are all zero and it trains nothing
-    (every group of a batch none of whose rewards could be computed counts as uniform)."""
+    """Per group: whether its G values of `spread_values` (its total rewards when unset) are all equal. On the
+    total reward, such a group's advantages are all zero and it trains nothing; on a component such as
+    `accuracy`, it is DAPO's test (every answer right, or every one wrong). Every group of a batch none of
+    whose rewards could be computed counts as uniform."""
     if not groups.weight or not groups.examples:
         return [True] * len(groups.examples)
+    if groups.spread_values is not None:
+        return [all(v == values[0] for v in values) for values in groups.spread_values]
     rows = groups.rewards.view(len(groups.examples), -1)
     return (rows == rows[:, :1]).all(dim=1).tolist()
 
@@ -184,7 +194,8 @@ def regroup(pool: list[Groups], micro_batches: int, want: int, filler: Groups) -
         pieces = [select_groups(g, [i]) for g, i in chunk]
         out.append(dataclasses.replace(
             pieces[0], **{f: _concat([getattr(p, f) for p in pieces])
-                          for f in ("examples", "completions", "rollout_logprobs", "truncated", "rewards")}))
+                          for f in ("examples", "completions", "rollout_logprobs", "truncated", "spread_values",
+                                    "rewards")}))
     return out
 
 
@@ -215,7 +226,7 @@ def without_truncated(groups: Groups) -> Groups:
         return dataclasses.replace(groups, advantages=groups.advantages * 0, weight=0.0)
     index = torch.tensor(rows)
     return dataclasses.replace(
-        groups, examples=tuple(examples), completions=tuple(completions), truncated=tuple(flags),
+        groups, examples=tuple(examples), completions=tuple(completions), truncated=tuple(flags), spread_values=None,
         rollout_logprobs=tuple(logprobs) if groups.rollout_logprobs else None,
         rewards=groups.rewards[index], advantages=groups.advantages[index])
 
