@@ -195,38 +195,7 @@ class Trainer:
         """One GRPO step: sample G completions per prompt, score them, turn rewards into group-relative
         advantages, take π_old / π_ref log-probs, then μ updates of the clipped policy loss."""
         cfg, grpo_cfg = self.cfg, self.cfg.grpo
-        want = cfg.prompts_per_step * cfg.grad_accum  # groups per step on this process
-        scored, pool, rounds = [], [], 0
-        while True:  # one round, or with dynamic sampling until every process holds `want` informative groups
-            rounds += 1
-            with self.phase("data"):
-                draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
-            with self.phase("rollout"), distributed.generation_weights(self.engine, cfg.engine.zero_stage):
-                first = (rounds - 1) * cfg.grad_accum
-                rolled = [grpo.rollout_groups(self.model, examples, grpo_cfg, stop_ids=self.stop_ids,
-                                              fast=cfg.engine.fast_rollout,
-                                              seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
-                          for micro, examples in enumerate(draws, start=first)]
-            with self.phase("rewards"):
-                new = [grpo.score_groups(groups, self.tokenizer, grpo_cfg, think=cfg.data.think) for groups in rolled]
-            scored += new
-            for s in new:
-                for ex, uniform in zip(s.groups.examples, grpo.uniform_groups(s.groups)):
-                    tally.mean(f"sampling/{ex.sample.task}/all_equal", [float(uniform)])
-            if not grpo_cfg.dynamic_sampling:
-                pool = [s.groups for s in new]
-                break
-            for s in new:  # only groups whose rewards differ train anything
-                keep = [i for i, uniform in enumerate(grpo.uniform_groups(s.groups)) if not uniform]
-                tally.total("sampling/dropped_groups", len(s.groups.examples) - len(keep))
-                pool.append(grpo.select_groups(s.groups, keep))
-            # The decision is global: every process must run as many rounds (ZeRO-3 gathers in each).
-            (short,) = distributed.any_process(sum(len(g.examples) for g in pool) < want)
-            if not short or rounds == grpo_cfg.max_sampling_rounds:
-                pool = grpo.regroup(pool, cfg.grad_accum, want, filler=new[-1].groups)
-                tally.mean("sampling/rounds", [rounds])
-                break
-        self.skipped["reward"] += sum(s.failed for s in scored)
+        scored, pool = self._sample_groups(tally)
 
         batch_std = self._batch_std(pool) if grpo_cfg.scale_rewards == "batch" else None
         batches = [grpo.with_advantages(groups, grpo_cfg, batch_std) for groups in pool]
@@ -263,6 +232,42 @@ class Trainer:
             tally.mean("truncated", [float(t) for group in s.groups.truncated or () for t in group])
         tally.total("tokens", sum(b.prompt_tokens + sum(b.lengths) for b in batches))
         return [sample for s in scored for sample in s.samples][:4]
+
+    def _sample_groups(self, tally: Tally) -> tuple[list, list]:
+        """Rollouts and rewards of the step's prompts: (every scored micro-batch, the grad_accum micro-batches
+        to train on). With dynamic sampling, groups whose rewards are all equal are dropped and further rounds
+        of prompts drawn until every process holds its groups, or grpo.max_sampling_rounds is reached."""
+        cfg, grpo_cfg = self.cfg, self.cfg.grpo
+        want = cfg.prompts_per_step * cfg.grad_accum  # groups per step on this process
+        scored, pool, rounds = [], [], 0
+        while True:
+            rounds += 1
+            with self.phase("data"):
+                draws = [self.stream.next_batch(cfg.prompts_per_step) for _ in range(cfg.grad_accum)]
+            with self.phase("rollout"), distributed.generation_weights(self.engine, cfg.engine.zero_stage):
+                first = (rounds - 1) * cfg.grad_accum
+                rolled = [grpo.rollout_groups(self.model, examples, grpo_cfg, stop_ids=self.stop_ids,
+                                              fast=cfg.engine.fast_rollout,
+                                              seed=hash((cfg.seed, self.rank, self.step, micro)) % 2**31)  # resumable
+                          for micro, examples in enumerate(draws, start=first)]
+            with self.phase("rewards"):
+                new = [grpo.score_groups(groups, self.tokenizer, grpo_cfg, think=cfg.data.think) for groups in rolled]
+            scored += new
+            self.skipped["reward"] += sum(s.failed for s in new)
+            for s in new:
+                for ex, uniform in zip(s.groups.examples, grpo.uniform_groups(s.groups)):
+                    tally.mean(f"sampling/{ex.sample.task}/all_equal", [float(uniform)])
+            if not grpo_cfg.dynamic_sampling:
+                return scored, [s.groups for s in new]
+            for s in new:  # only groups whose rewards differ train anything
+                keep = [i for i, uniform in enumerate(grpo.uniform_groups(s.groups)) if not uniform]
+                tally.total("sampling/dropped_groups", len(s.groups.examples) - len(keep))
+                pool.append(grpo.select_groups(s.groups, keep))
+            # The decision is global: every process must run as many rounds (ZeRO-3 gathers in each).
+            (short,) = distributed.any_process(sum(len(g.examples) for g in pool) < want)
+            if not short or rounds == grpo_cfg.max_sampling_rounds:
+                tally.mean("sampling/rounds", [rounds])
+                return scored, grpo.regroup(pool, cfg.grad_accum, want, filler=new[-1].groups)
 
     def _batch_std(self, batches: list) -> torch.Tensor:
         """Std of the step's rewards over every process (scale_rewards batch)."""
