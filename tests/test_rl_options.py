@@ -60,9 +60,9 @@ def test_dynamic_sampling_can_test_one_reward_component(synthetic):
 
     batch = grpo.Groups(tuple(ex), ((torch.tensor([0, 0]), torch.tensor([0, 1])),
                                     (torch.tensor([1, 0]), torch.tensor([1, 1]))))
-    on_total = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2), think=False).groups
-    on_accuracy = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2, dynamic_sampling_metric="accuracy"),
-                                    think=False).groups
+    on_total = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2, dynamic_sampling_metric="total"),
+                                 think=False).groups
+    on_accuracy = grpo.score_groups(batch, Tok(), GRPOConfig(num_generations=2), think=False).groups  # the default
     assert qa.rewards(right[0], solution, False)["accuracy"] == qa.rewards(right[1], solution, False)["accuracy"]
     assert grpo.uniform_groups(on_total) == [False, False]
     assert grpo.uniform_groups(on_accuracy) == [True, False]  # gqa: both right; tg has no accuracy: its totals differ

@@ -109,8 +109,9 @@ class GRPOConfig:
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal and roll out more prompts "
                                         "until the step is full (DAPO)")
     max_sampling_rounds: int = opt(3, "most rounds of prompts a step rolls out with dynamic_sampling")
-    dynamic_sampling_metric: str = opt("total", "the reward whose equal values across a group drop it: total, or "
-                                                "a component such as accuracy (DAPO's; a task without it: total)")
+    dynamic_sampling_metric: str = opt("accuracy", "the reward whose equal values across a group drop it: a "
+                                                   "component (DAPO's accuracy; a task without it: its total) or "
+                                                   "total")
     mask_truncated: bool = opt(False, "completions that hit max_completion_length take no part in the loss "
                                       "(DAPO's overlong filtering)")
     overlong_buffer: int = opt(0, "DAPO's soft overlong penalty: a reward component falling from 0 to -1 over "
