@@ -11,7 +11,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForCo
 
 from vcr1 import tiny
 from vcr1.config import DTYPE_NAMES
-from vcr1.tiny import init_file, load_warm_start
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
@@ -32,11 +31,7 @@ def load_model(model_dir: str | None, tokenizer, *, dtype: str = "fp32", attn: s
     """A local Qwen2.5-VL checkpoint, or the tiny default built from its config: random (seeded) or, with
     `init`, the weights of a warm-start file (see vcr1.warm_start; `warm_start` names the shipped one)."""
     if model_dir is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Qwen2_5_VLForConditionalGeneration(tiny.tiny_config(tokenizer))
-        if init is not None:
-            load_warm_start(model, init_file(init), tokenizer)
+        model = tiny.build_model(tokenizer, seed=seed, init=init)
         model.config._attn_implementation = attn
         return model.to(DTYPES[dtype])
     if not (Path(model_dir) / "config.json").is_file():

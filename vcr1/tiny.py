@@ -3,12 +3,22 @@
 Nothing is downloaded. The tokenizer is a byte-level BPE trained on the task prompts and answer
 formats, carrying Qwen2.5-VL's special tokens and chat template, so the prompt code that serves a real
 Qwen2.5-VL tokenizer serves this one unchanged.
+
+    python -m vcr1.tiny --family qwen2_5_vl --out DIR [--init warm_start|none] [--seed N] [--force]
+
+writes the tiny model as a Hugging Face checkpoint directory of that family (see `FAMILIES`): what
+`from_pretrained` and `--model DIR` load, for tests and for trying a model family's code path in seconds.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
 import random
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -140,6 +150,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def build_model(tokenizer, *, seed: int = 0, init: str | None = None):
+    """The tiny Qwen2.5-VL (fp32) of `tiny_config`: random weights drawn from `seed` (without touching the
+    global RNG), or with `init` the weights of a warm-start file (`init_file`; `warm_start` = the shipped one)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    if init is not None:
+        load_warm_start(model, init_file(init), tokenizer)
+    return model
+
+
 def load_warm_start(model, path, tokenizer) -> dict:
     """Load the weights of `path` into the tiny `model` (every parameter, same shapes); returns the metadata.
 
@@ -156,3 +180,138 @@ def load_warm_start(model, path, tokenizer) -> dict:
                          f"{tokenizer_fingerprint(tokenizer)}); rebuild it with `python -m vcr1.warm_start`")
     model.load_state_dict(load_file(str(path)), strict=True)
     return meta
+
+
+# ---- the tiny model as a checkpoint directory of a model family (`python -m vcr1.tiny`)
+
+# The frame sizes and counts the tiny recipe trains with (configs/tiny.yaml's data.video; fps and
+# min_frames are the config's defaults): what the processor files tell a Hugging Face user to feed it.
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+FPS, MIN_FRAMES, MAX_FRAMES = 2.0, 4, 16
+# Qwen2VLVideoProcessor's own keys (its Qwen2VLVideoProcessorInitKwargs, less the two whose defaults are kept:
+# cap_pixels_per_frame, max_video_tokens) besides transformers' VideosKwargs, and the file's class keys.
+QWEN2_VL_VIDEO_KEYS = ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "min_frames",
+                       "max_frames", "processor_class", "video_processor_type")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def qwen2_vl_processor_configs(config) -> tuple[dict, dict]:
+    """(preprocessor_config.json, video_preprocessor_config.json) of a Qwen2.5-VL checkpoint for `config`.
+
+    The image processor's file is transformers' own: the PIL-backed Qwen2VLImageProcessorPil serialised by
+    `to_json_string` (the torchvision-backed Qwen2VLImageProcessor and Qwen2VLVideoProcessor cannot be
+    constructed without torchvision, which vcr1 does not install), with the backend-neutral type name a real
+    checkpoint carries (AutoImageProcessor then picks torchvision when installed, else PIL), and the real
+    checkpoint's top-level min_pixels, max_pixels and processor_class keys. The video processor's file is
+    written by hand from it: its keys that a video processor takes (transformers' VideosKwargs and
+    QWEN2_VL_VIDEO_KEYS) under `video_processor_type` Qwen2VLVideoProcessor, plus that class's frame sampling
+    keys (fps, min_frames, max_frames, do_sample_frames)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import VideosKwargs
+
+    vision = config.vision_config
+    processor = Qwen2VLImageProcessorPil(
+        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size)
+    image = json.loads(processor.to_json_string())
+    image.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+                 min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    video_keys = {*VideosKwargs.__annotations__, *QWEN2_VL_VIDEO_KEYS}
+    video = {k: v for k, v in image.items() if k in video_keys}
+    video.update(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=False, fps=FPS,
+                 min_frames=MIN_FRAMES, max_frames=MAX_FRAMES)
+    return image, video
+
+
+def write_qwen2_5_vl(out: Path, *, seed: int = 0, init: str | None = SHIPPED) -> None:
+    """Write the tiny Qwen2.5-VL into the empty directory `out` as a Qwen2.5-VL checkpoint ships: config.json,
+    model.safetensors and generation_config.json (`save_pretrained`), the tokenizer (`save_pretrained`, the
+    chat template inside tokenizer_config.json) and chat_template.json, and the processor files."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed=seed, init=init)
+    ids = tokenizer.convert_tokens_to_ids
+    # A completion ends at the end of the chat turn or at <|endoftext|>, as in Qwen2.5-VL's generation config.
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids("<|endoftext|>"), pad_token_id=ids("<|endoftext|>"),
+        eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    _write_json(out / "chat_template.json", {"chat_template": tokenizer.chat_template})
+    image, video = qwen2_vl_processor_configs(model.config)
+    _write_json(out / "preprocessor_config.json", image)
+    _write_json(out / "video_preprocessor_config.json", video)
+
+
+# Model family -> the function that writes the tiny model of that family into an empty directory, called as
+# `write(out, seed=N, init=SHIPPED or None)`. Adding a family here makes `--family NAME` write it.
+FAMILIES = {
+    "qwen2_5_vl": write_qwen2_5_vl,
+}
+
+
+def write_checkpoint(out: Path, family: str = "qwen2_5_vl", *, seed: int = 0, init: str | None = SHIPPED,
+                     force: bool = False) -> list[str]:
+    """Write the tiny model of `family` as a checkpoint directory `out`; returns the names of the files written.
+
+    The files are written into a temporary sibling folder and moved into `out` when all are written, so a
+    failure leaves `out` as it was. A non-empty `out` is refused unless `force`, which replaces the files of
+    the same names and leaves any other file there."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--out {out}: not empty (--force writes into it, replacing files of the same names)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        FAMILIES[family](tmp, seed=seed, init=init)
+        out.mkdir(exist_ok=True)
+        names = sorted(path.name for path in tmp.iterdir())
+        for name in names:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            os.replace(tmp / name, out / name)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m vcr1.tiny",
+        description="Write vcr1's tiny model as a Hugging Face checkpoint directory of a model family "
+                    "(from_pretrained and `vcr1/train.py --model DIR` load it).")
+    p.add_argument("--family", default="qwen2_5_vl", choices=sorted(FAMILIES),
+                   help="model family of the checkpoint (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write; must be empty or absent")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, replacing files of the same names")
+    p.add_argument("--init", default=SHIPPED, choices=(SHIPPED, "none"),
+                   help=f"{SHIPPED}: the shipped warm-start weights ({WARM_START.name}, trained with this "
+                        "tokenizer); none: random weights of --seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights of --init none (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out}: a file, not a directory")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        p.error(f"--out {args.out}: not an empty directory (--force writes into it, replacing files of the "
+                "same names)")
+    try:
+        names = write_checkpoint(args.out, args.family, seed=args.seed,
+                                 init=None if args.init == "none" else args.init, force=args.force)
+    except (OSError, ValueError) as e:  # an unwritable --out; a warm start built for another tokenizer
+        print(f"python -m vcr1.tiny: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.family} checkpoint {args.out} ({args.init}"
+          f"{f', seed {args.seed}' if args.init == 'none' else ''}): {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
