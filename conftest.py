@@ -20,3 +20,14 @@ def shared_data() -> Path:
     if not data.is_dir():
         pytest.skip(f"real data folder {data} is absent (set VCR1_SHARED to the folder holding data/)")
     return data
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """A small synthetic set (4 training and 2 held-out examples per task) for short trainer runs."""
+    from vcr1.data.synthetic import generate
+    from vcr1_testing import synthetic_tasks
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, tasks=synthetic_tasks(), seed=0, n_train=4, n_test=2)
+    return root

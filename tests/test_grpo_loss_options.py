@@ -3,8 +3,6 @@ against the rollout engine's log-probs, checked against a float64 reference writ
 sequence (it calls none of the code under test), with the "torch" and "triton" heads."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ if not torch.cuda.is_available():
 
 import vcr1_kernels.logprobs as logprobs_module  # noqa: E402
 from vcr1_kernels import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, grpo_loss, grpo_loss_from_logprobs  # noqa: E402
+from vcr1_testing import HostReads, run_triton_tests_in_fresh_process
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = torch.cuda.is_available() or logprobs_module.interpreter_active()
@@ -305,25 +304,12 @@ def test_no_gradient_flows_into_old_or_rollout_logprobs(level):
 
 # ---------------------------------------------------------------------------- host reads and validation
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Records every call that copies a tensor's value to the host (as tests/test_loss.py)."""
-    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
-             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_options_read_no_tensor_value_on_the_host_without_check_values():
     batch = make_batch(seed=1)
     (hidden, weight), _ = leaves(batch)
-    with _HostReads() as mode:
+    with HostReads() as mode:
         loss, _ = grpo_loss(hidden, weight, batch["targets"], batch["cu_seqlens"], batch["advantages"],
                             batch["old_logprobs"], batch["ref_logprobs"], importance_sampling_level="sequence",
                             rollout_logprobs=batch["old_logprobs"] - 0.5, tis_cap=TIS_CAP, backend="torch",
@@ -371,7 +357,4 @@ def test_valid_options_are_accepted():
 
 @pytest.mark.skipif(TRITON_HERE, reason="the Triton tests already ran in this process")
 def test_triton_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                             "-k", "triton and not fresh_process"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_triton_tests_in_fresh_process(__file__)

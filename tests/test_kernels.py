@@ -4,8 +4,6 @@ Without a GPU the Triton kernels run in Triton's interpreter, which must be swit
 is first imported; if another test module imported it first, the Triton cases re-run in a fresh process.
 """
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ if not torch.cuda.is_available():
 
 import vcr1_kernels.logprobs as logprobs_module  # noqa: E402
 from vcr1_kernels import grpo_loss, lm_head_slab, token_logprobs  # noqa: E402
+from vcr1_testing import run_triton_tests_in_fresh_process
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = torch.cuda.is_available() or logprobs_module.interpreter_active()
@@ -474,7 +473,4 @@ def test_triton_keeps_its_memory_budget(logits, monkeypatch):
 
 @pytest.mark.skipif(TRITON_HERE, reason="the Triton tests already ran in this process")
 def test_triton_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
-                             "-k", "triton and not fresh_process"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_triton_tests_in_fresh_process(__file__)

@@ -6,6 +6,7 @@ import torch
 
 from vcr1.loss import group_advantages, sft_loss
 from vcr1_kernels import grpo_loss
+from vcr1_testing import HostReads
 
 # Two groups of G=2. Group 1 rewards (1, 0): mean 0.5, unbiased std sqrt(0.5) → A = ±0.5 / (0.70711 + 1e-4).
 REWARDS = torch.tensor([1.0, 0.0, 3.0, 3.0])
@@ -114,19 +115,6 @@ def test_sft_loss_is_token_mean_then_sequence_mean():
     assert sft_loss(logp, torch.tensor([0, 1, 3])).item() == pytest.approx((1.0 + 3.0) / 2)
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Records every call that copies a tensor's value to the host: on a GPU each one waits for the GPU."""
-    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
-             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero}
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.reads.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -141,7 +129,7 @@ def test_loss_reads_no_tensor_value_on_the_host_unless_asked(loss_type):
     kw = dict(cu_seqlens=cu, advantages=torch.tensor([0.5, -0.5]), ref_logprobs=torch.randn(7) - 3, beta=0.04,
               loss_type=loss_type, normalizer=torch.tensor(7.0) if loss_type == "dapo" else None, backend="torch")
     for check, expect_reads in ((False, False), (True, True)):
-        with _HostReads() as mode:
+        with HostReads() as mode:
             loss, _ = grpo_loss(hidden, weight, targets, check_values=check, **kw)
             loss.backward()
         assert bool(mode.reads) == expect_reads, mode.reads

@@ -14,8 +14,7 @@ import torch
 
 from vcr1 import grpo
 from vcr1.config import GRPOConfig
-from vcr1.data.synthetic import generate
-from vcr1_testing import REPO, synthetic_tasks
+from vcr1_testing import REPO
 
 SMALL = ["--grpo.num_generations", "2", "--prompts_per_step", "2", "--grpo.max_completion_length", "12",
          "--eval_before_after", "false", "--save_every", "100"]
@@ -114,12 +113,6 @@ def test_tally_keeps_maxima():
     tally.max("y", [])
     assert tally.reduce() == {"x": 3.0, "y": None}
 
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, tasks=synthetic_tasks(), seed=0, n_train=4, n_test=2)
-    return root
 
 
 def _train(out, synthetic, *extra):

@@ -15,22 +15,15 @@ from safetensors.torch import load_file
 
 from vcr1 import grpo, train
 from vcr1.config import parse_config
-from vcr1.data.synthetic import generate
 from vcr1.data.video import load_video
 from vcr1.distributed import standalone_env
 from vcr1.tasks import get_task
-from vcr1_testing import REPO, synthetic_tasks
+from vcr1_testing import REPO
 
 SMALL = ["--sft.steps", "2", "--sft.batch_size", "2", "--grpo.num_generations", "2", "--prompts_per_step", "2",
          "--grpo.max_completion_length", "12", "--save_every", "1", "--samples_every", "1",
          "--eval_before_after", "false"]
 
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, tasks=synthetic_tasks(), seed=0, n_train=4, n_test=2)
-    return root
 
 
 def _args(out, synthetic, *extra):

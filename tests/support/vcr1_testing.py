@@ -6,6 +6,8 @@ tests import it by name while the checkout's folders never stand in front of ins
 import functools
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,27 @@ def torchcodec_missing() -> str | None:
 
 
 requires_torchcodec = pytest.mark.skipif(torchcodec_missing() is not None, reason=str(torchcodec_missing()))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that copies a tensor's value to the host: on a GPU each one waits for the GPU."""
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def run_triton_tests_in_fresh_process(test_file: str):
+    """Reruns a file's Triton tests in a process that switches Triton's interpreter on before importing it (a
+    process that imported Triton first cannot run them on the CPU)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-x", "-p", "no:cacheprovider",
+                             "-k", "triton and not fresh_process"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
